@@ -1,0 +1,1 @@
+"""Simili's retrieval core: image loading, backbones and embedding, free of Django."""

@@ -1,0 +1,45 @@
+"""Turn RGB images into normalised tensors, as the backbone spec prescribes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from retrieval.backbones import BackboneSpec
+
+#: Panoramas and banners are cropped to this aspect ratio around their centre before
+#: resizing, so a 1x100000 strip cannot become a 224x22 million pixel tensor.
+MAX_ASPECT = 3.0
+
+
+def _crop_to_aspect(image: Image.Image, max_aspect: float) -> Image.Image:
+    width, height = image.size
+    if width > height * max_aspect:
+        new_width = max(1, round(height * max_aspect))
+        left = (width - new_width) // 2
+        return image.crop((left, 0, left + new_width, height))
+    if height > width * max_aspect:
+        new_height = max(1, round(width * max_aspect))
+        top = (height - new_height) // 2
+        return image.crop((0, top, width, top + new_height))
+    return image
+
+
+def resize_for(spec: BackboneSpec, image: Image.Image) -> Image.Image:
+    """Resize (and crop where the spec says) an RGB image to the backbone's input size."""
+    size = spec.input_size
+    image = _crop_to_aspect(image, 1.0 if spec.resize == "center_crop" else MAX_ASPECT)
+    width, height = image.size
+    scale = size / min(width, height)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    return image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def to_tensor(spec: BackboneSpec, image: Image.Image) -> torch.Tensor:
+    """Return the normalised float32 CHW tensor for one RGB image."""
+    resized = resize_for(spec, image)
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    return torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy())

@@ -1,0 +1,24 @@
+"""System checks: configuration mistakes surface at start-up with a stable id and a hint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, register
+
+
+@register()
+def check_backbone(app_configs: Any, **kwargs: Any) -> list[Error]:
+    from retrieval.backbones import available_backbones
+
+    names = available_backbones()
+    if settings.EMBEDDING_BACKBONE not in names:
+        return [
+            Error(
+                f"EMBEDDING_BACKBONE={settings.EMBEDDING_BACKBONE!r} is not a registered backbone.",
+                hint=f"Use one of: {', '.join(names)}.",
+                id="simili.E001",
+            )
+        ]
+    return []

@@ -1,0 +1,141 @@
+"""Simili's tables: collections of images, their embeddings and the model versions behind them."""
+
+from __future__ import annotations
+
+import secrets
+
+from django.conf import settings
+from django.db import models
+from pgvector.django import VectorField
+
+
+def new_key() -> str:
+    """Return an unguessable URL key: unlisted collections rely on it not being enumerable."""
+    return secrets.token_urlsafe(12)
+
+
+class Visibility(models.TextChoices):
+    PUBLIC = "public", "Public: listed, and shown as similar results to everyone"
+    UNLISTED = "unlisted", "Unlisted: reachable by its link only, never listed or suggested"
+    PRIVATE = "private", "Private: you and the admins only"
+
+
+class Collection(models.Model):
+    key = models.CharField(max_length=24, unique=True, default=new_key, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="collections"
+    )
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    visibility = models.CharField(
+        max_length=16, choices=Visibility.choices, default=Visibility.PRIVATE
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["visibility", "owner"], name="collection_visibility_owner")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        from django.urls import reverse
+
+        return reverse("collection", args=[self.key])
+
+
+class ImageStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    PROCESSING = "processing", "Processing"
+    READY = "ready", "Ready"
+    FAILED = "failed", "Failed"
+
+
+class Image(models.Model):
+    key = models.CharField(max_length=24, unique=True, default=new_key, editable=False)
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="images")
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    sha256 = models.CharField(max_length=64)
+    # Paths relative to MEDIA_ROOT, derived from the content hash, never from client names.
+    file_path = models.CharField(max_length=200)
+    thumbnail_path = models.CharField(max_length=200, blank=True)
+    original_name = models.CharField(max_length=255, blank=True)
+    mime_type = models.CharField(max_length=50)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    byte_size = models.PositiveBigIntegerField()
+    status = models.CharField(
+        max_length=16, choices=ImageStatus.choices, default=ImageStatus.PENDING
+    )
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["collection", "sha256"], name="image_unique_per_collection")
+        ]
+        indexes = [
+            models.Index(fields=["collection", "-created_at"], name="image_collection_recent"),
+            models.Index(fields=["status"], name="image_status"),
+            models.Index(fields=["sha256"], name="image_sha256"),
+        ]
+
+    def __str__(self) -> str:
+        return self.original_name or self.key
+
+    def get_absolute_url(self) -> str:
+        from django.urls import reverse
+
+        return reverse("image", args=[self.key])
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == ImageStatus.READY
+
+
+class EmbeddingModel(models.Model):
+    """A model version: a backbone (and later a projection) whose vectors are comparable."""
+
+    key = models.CharField(max_length=120, unique=True)
+    backbone = models.CharField(max_length=80)
+    dimensions = models.PositiveIntegerField()
+    is_active = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_active"], condition=models.Q(is_active=True), name="one_active_embedding_model"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.key
+
+    @property
+    def index_name(self) -> str:
+        return f"embedding_hnsw_v{self.pk}"
+
+
+class Embedding(models.Model):
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="embeddings")
+    model_version = models.ForeignKey(EmbeddingModel, on_delete=models.PROTECT, related_name="+")
+    # Untyped so that versions of different dimensions share the table; each version gets
+    # its own partial HNSW index over `vector::vector(dim)` (see services.embedding_model_ensure).
+    vector = VectorField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["image", "model_version"], name="embedding_unique_per_version")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.image_id} @ {self.model_version_id}"

@@ -1,0 +1,179 @@
+"""Reads: what a viewer may see, and the similar-image queries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Count, Q, QuerySet
+from django.http import Http404
+
+from webapp.models import Collection, Embedding, EmbeddingModel, Image, ImageStatus, Visibility
+
+
+class Viewer(Protocol):
+    """A signed-in user or Django's AnonymousUser: what every access rule reads."""
+
+    pk: Any
+    is_authenticated: bool
+    is_staff: bool
+    is_superuser: bool
+
+
+@dataclass(frozen=True)
+class SimilarImage:
+    image: Image
+    similarity: float
+
+    @property
+    def percent(self) -> int:
+        return max(0, min(100, round(self.similarity * 100)))
+
+
+def _is_admin(viewer: Viewer) -> bool:
+    return bool(viewer.is_authenticated and (viewer.is_staff or viewer.is_superuser))
+
+
+def collections_listed_for(viewer: Viewer) -> QuerySet[Collection]:
+    """Return the collections listed to a viewer: public ones, their own, all for admins."""
+    queryset = Collection.objects.select_related("owner").annotate(
+        image_count=Count("images", distinct=True),
+        ready_count=Count("images", filter=Q(images__status=ImageStatus.READY), distinct=True),
+    )
+    if _is_admin(viewer):
+        return queryset
+    visible = Q(visibility=Visibility.PUBLIC)
+    if viewer.is_authenticated:
+        visible |= Q(owner=viewer)
+    return queryset.filter(visible)
+
+
+def collections_searchable_by(viewer: Viewer) -> QuerySet[Collection]:
+    """Return the collections whose images may appear as similar results to a viewer."""
+    return collections_listed_for(viewer).order_by("name")
+
+
+def can_view_collection(viewer: Viewer, collection: Collection) -> bool:
+    """Public and unlisted collections are viewable by link; private ones by owner and admins."""
+    if collection.visibility in (Visibility.PUBLIC, Visibility.UNLISTED):
+        return True
+    return _is_admin(viewer) or (viewer.is_authenticated and collection.owner_id == viewer.pk)
+
+
+def can_upload(viewer: Viewer, collection: Collection) -> bool:
+    """Only a collection's owner uploads into it."""
+    return bool(viewer.is_authenticated and collection.owner_id == viewer.pk)
+
+
+def collection_for_viewer(*, key: str, viewer: Viewer) -> Collection:
+    """Return the collection, or raise 404 if it does not exist or the viewer may not see it."""
+    collection = Collection.objects.select_related("owner").filter(key=key).first()
+    if collection is None or not can_view_collection(viewer, collection):
+        # 404, not 403: a private collection's existence is itself private.
+        raise Http404("No such collection.")
+    return collection
+
+
+def image_for_viewer(*, key: str, viewer: Viewer) -> Image:
+    """Return the image, or raise 404 if it does not exist or the viewer may not see it."""
+    image = Image.objects.select_related("collection", "collection__owner").filter(key=key).first()
+    if image is None or not can_view_collection(viewer, image.collection):
+        raise Http404("No such image.")
+    return image
+
+
+def collection_images(*, collection: Collection) -> QuerySet[Image]:
+    """Return a collection's images, newest first."""
+    return collection.images.order_by("-created_at", "-id")
+
+
+def images_status(*, collection: Collection, keys: Sequence[str]) -> list[Image]:
+    """Return the listed images of a collection, for the live status poll."""
+    return list(collection.images.filter(key__in=list(keys)[:500]))
+
+
+def active_model_version() -> EmbeddingModel | None:
+    """Return the model version whose vectors searches use, or None before any exists."""
+    return EmbeddingModel.objects.filter(is_active=True).first()
+
+
+def image_vector(*, image: Image, version: EmbeddingModel) -> list[float] | None:
+    """Return an image's stored vector for a model version, if it has one."""
+    row = Embedding.objects.filter(image=image, model_version=version).values_list("vector", flat=True).first()
+    return None if row is None else [float(x) for x in row]
+
+
+def vector_similar(
+    *,
+    vector: Sequence[float],
+    version: EmbeddingModel,
+    viewer: Viewer,
+    k: int,
+    collection_ids: Sequence[int] | None = None,
+    exclude_image_id: int | None = None,
+) -> list[SimilarImage]:
+    """Return the k images nearest to `vector` (cosine) among those the viewer may see.
+
+    The visibility filter is part of the SQL; HNSW's iterative scan keeps reading the
+    graph until k rows pass it, and the outer query restores exact distance order.
+    """
+    dim = int(version.dimensions)
+    if len(vector) != dim:
+        raise ValueError(f"expected a vector of {dim} dimensions, got {len(vector)}")
+    literal = "[" + ",".join(repr(float(x)) for x in vector) + "]"
+    where = ["e.model_version_id = %(version)s", "i.status = 'ready'"]
+    params: dict[str, object] = {"version": version.pk, "query": literal, "k": int(k)}
+    if not _is_admin(viewer):
+        if viewer.is_authenticated:
+            where.append("(c.visibility = 'public' OR c.owner_id = %(viewer)s)")
+            params["viewer"] = viewer.pk
+        else:
+            where.append("c.visibility = 'public'")
+    if collection_ids is not None:
+        where.append("i.collection_id = ANY(%(collections)s)")
+        params["collections"] = list(collection_ids)
+    if exclude_image_id is not None:
+        where.append("i.id <> %(exclude)s")
+        params["exclude"] = exclude_image_id
+    sql = f"""
+        WITH nearest AS MATERIALIZED (
+            SELECT i.id AS image_id,
+                   e.vector::vector({dim}) <=> %(query)s::vector({dim}) AS distance
+            FROM simili_embedding e
+            JOIN simili_image i ON i.id = e.image_id
+            JOIN simili_collection c ON c.id = i.collection_id
+            WHERE {' AND '.join(where)}
+            ORDER BY e.vector::vector({dim}) <=> %(query)s::vector({dim})
+            LIMIT %(k)s
+        )
+        SELECT image_id, distance FROM nearest ORDER BY distance
+    """
+    with transaction.atomic(), connection.cursor() as cursor:
+        # SET LOCAL lasts until the end of this transaction and touches no other query.
+        cursor.execute("SET LOCAL hnsw.ef_search = %s", [int(settings.HNSW_EF_SEARCH)])
+        cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    images = Image.objects.select_related("collection").in_bulk([row[0] for row in rows])
+    return [
+        SimilarImage(image=images[image_id], similarity=1.0 - float(distance))
+        for image_id, distance in rows
+        if image_id in images
+    ]
+
+
+def image_similar(*, image: Image, viewer: Viewer, k: int | None = None) -> list[SimilarImage]:
+    """Return the images most similar to a stored image, among those the viewer may see."""
+    version = active_model_version()
+    if version is None or not image.is_ready:
+        return []
+    vector = image_vector(image=image, version=version)
+    if vector is None:
+        return []
+    return vector_similar(
+        vector=vector, version=version, viewer=viewer, k=k or settings.SIMILAR_K,
+        exclude_image_id=image.pk,
+    )

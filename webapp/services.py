@@ -1,0 +1,262 @@
+"""Writes: every change to Simili's data goes through one of these functions."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from retrieval import imaging
+from retrieval.backbones import BackboneSpec, get_backbone
+from retrieval.errors import ImageRejected
+from retrieval.extraction import Extractor
+from webapp import storage
+from webapp.models import Collection, Embedding, EmbeddingModel, Image, ImageStatus
+
+logger = logging.getLogger(__name__)
+
+INTERACTIVE_QUEUE = "interactive"
+BULK_QUEUE = "bulk"
+
+
+class UploadTooLarge(ImageRejected):
+    code = "file_too_large"
+
+
+class SearchUnavailable(Exception):
+    """No worker answered a search-by-image request in time."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    image: Image
+    created: bool
+
+
+@functools.cache
+def get_extractor(backbone: str, device: str) -> Extractor:
+    """Return the process-wide extractor for a backbone: the CNN is loaded once per process."""
+    return Extractor(get_backbone(backbone), device=device)
+
+
+def _default_extractor() -> Extractor:
+    return get_extractor(settings.EMBEDDING_BACKBONE, settings.EMBEDDING_DEVICE)
+
+
+def collection_create(
+    *, owner: AbstractBaseUser, name: str, description: str = "", visibility: str = "private"
+) -> Collection:
+    """Create a collection owned by `owner`."""
+    return Collection.objects.create(
+        owner=owner, name=name.strip(), description=description.strip(), visibility=visibility
+    )
+
+
+def _enqueue_embed(image_id: int, *, queue: str) -> None:
+    from webapp.tasks import embed_image
+
+    embed_image.apply_async(args=[image_id], queue=queue)
+
+
+def image_ingest(
+    *,
+    collection: Collection,
+    uploaded_by: AbstractBaseUser | AnonymousUser | None,
+    data: bytes,
+    name: str = "",
+) -> IngestResult:
+    """Validate and store an uploaded image, then queue its embedding once committed.
+
+    Raises `ImageRejected` (nothing stored) when the bytes are not an acceptable image.
+    The same content uploaded twice into one collection returns the existing image.
+    """
+    if len(data) > settings.MAX_UPLOAD_BYTES:
+        raise UploadTooLarge(
+            f"The file is {len(data):,} bytes; at most {settings.MAX_UPLOAD_BYTES:,} bytes are accepted."
+        )
+    info = imaging.inspect_image(data, max_pixels=settings.MAX_IMAGE_PIXELS)
+    sha256 = hashlib.sha256(data).hexdigest()
+    existing = Image.objects.filter(collection=collection, sha256=sha256).first()
+    if existing is not None:
+        return IngestResult(existing, created=False)
+
+    relative = storage.content_path("originals", sha256, info.extension)
+    if not storage.media_path(relative).exists():
+        storage.write_atomic(relative, data)
+    user = uploaded_by if uploaded_by is not None and uploaded_by.is_authenticated else None
+    try:
+        with transaction.atomic():
+            image = Image.objects.create(
+                collection=collection,
+                uploaded_by=user,
+                sha256=sha256,
+                file_path=relative,
+                original_name=_display_name(name),
+                mime_type=info.mime,
+                width=info.width,
+                height=info.height,
+                byte_size=len(data),
+            )
+            transaction.on_commit(
+                functools.partial(_enqueue_embed, image.pk, queue=INTERACTIVE_QUEUE), robust=True
+            )
+    except IntegrityError:
+        # A concurrent upload of the same content won the race; theirs is the image.
+        return IngestResult(Image.objects.get(collection=collection, sha256=sha256), created=False)
+    except BaseException:
+        _delete_unreferenced(relative)
+        raise
+    return IngestResult(image, created=True)
+
+
+def _display_name(name: str) -> str:
+    """Keep a client's file name for display only: last path component, printable, bounded."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(ch for ch in base if ch.isprintable())[:255]
+
+
+def _delete_unreferenced(relative: str) -> None:
+    if not relative:
+        return
+    if Image.objects.filter(file_path=relative).exists():
+        return
+    if Image.objects.filter(thumbnail_path=relative).exists():
+        return
+    storage.delete(relative)
+
+
+def image_delete(*, image: Image) -> None:
+    """Delete an image with its embeddings, and its files unless another row shares them."""
+    paths = [image.file_path, image.thumbnail_path]
+    image.delete()
+    for relative in paths:
+        _delete_unreferenced(relative)
+
+
+def image_mark_failed(*, image_id: int, error: str) -> None:
+    """Record that embedding an image failed, with the reason a person can act on."""
+    Image.objects.filter(pk=image_id).update(
+        status=ImageStatus.FAILED, error=error[:2000], processed_at=timezone.now()
+    )
+
+
+def image_reembed(*, image_ids: list[int]) -> int:
+    """Mark images pending and queue them on the bulk queue; return how many were queued."""
+    ids = list(Image.objects.filter(pk__in=image_ids).values_list("pk", flat=True))
+    with transaction.atomic():
+        Image.objects.filter(pk__in=ids).update(status=ImageStatus.PENDING, error="")
+        for image_id in ids:
+            transaction.on_commit(
+                functools.partial(_enqueue_embed, image_id, queue=BULK_QUEUE), robust=True
+            )
+    return len(ids)
+
+
+def embedding_model_ensure(spec: BackboneSpec) -> EmbeddingModel:
+    """Return the model version row for a backbone, creating it and its HNSW index once."""
+    version, created = EmbeddingModel.objects.get_or_create(
+        key=spec.key, defaults={"backbone": spec.name, "dimensions": spec.embedding_dim}
+    )
+    if created:
+        with connection.cursor() as cursor:
+            # One partial index per version: each has its own dimension, and a query that
+            # repeats the WHERE and the cast is answered by this version's graph alone.
+            cursor.execute(
+                f"CREATE INDEX IF NOT EXISTS {version.index_name} ON simili_embedding "
+                f"USING hnsw ((vector::vector({int(spec.embedding_dim)})) vector_cosine_ops) "
+                f"WHERE model_version_id = {int(version.pk)}"
+            )
+    if not version.is_active and not EmbeddingModel.objects.filter(is_active=True).exists():
+        try:
+            with transaction.atomic():
+                EmbeddingModel.objects.filter(pk=version.pk).update(is_active=True)
+                version.is_active = True
+        except IntegrityError:
+            pass  # another worker activated a version first
+    return version
+
+
+def image_embed(*, image_id: int) -> None:
+    """Decode an image, store its thumbnail and its embedding, and mark it ready (or failed)."""
+    image = Image.objects.filter(pk=image_id).first()
+    if image is None:
+        logger.info("image %s is gone; nothing to embed", image_id)
+        return
+    Image.objects.filter(pk=image_id).update(status=ImageStatus.PROCESSING)
+    try:
+        data = storage.media_path(image.file_path).read_bytes()
+    except FileNotFoundError:
+        image_mark_failed(image_id=image_id, error="The original file is missing from storage.")
+        return
+    extractor = _default_extractor()
+    try:
+        picture = imaging.load_image(
+            data,
+            min_side=max(settings.THUMBNAIL_SIZE, extractor.spec.input_size),
+            max_pixels=settings.MAX_IMAGE_PIXELS,
+        )
+    except ImageRejected as exc:
+        image_mark_failed(image_id=image_id, error=str(exc))
+        return
+    thumbnail = storage.content_path("thumbnails", image.sha256, "jpg")
+    storage.write_atomic(thumbnail, imaging.make_thumbnail(picture, max_side=settings.THUMBNAIL_SIZE))
+    vector = extractor.embed([picture]).vectors[0]
+    version = embedding_model_ensure(extractor.spec)
+    with transaction.atomic():
+        if not Image.objects.select_for_update().filter(pk=image_id).exists():
+            _delete_unreferenced(thumbnail)
+            return
+        Embedding.objects.update_or_create(
+            image_id=image_id, model_version=version, defaults={"vector": vector}
+        )
+        Image.objects.filter(pk=image_id).update(
+            status=ImageStatus.READY, error="", thumbnail_path=thumbnail, processed_at=timezone.now()
+        )
+    logger.info("embedded image %s with %s", image_id, version.key)
+
+
+def query_embed(*, relative_path: str) -> dict[str, object]:
+    """Embed a stored query image (worker side); return its vector and model version key."""
+    extractor = _default_extractor()
+    data = storage.media_path(relative_path).read_bytes()
+    picture = imaging.load_image(
+        data, min_side=extractor.spec.input_size, max_pixels=settings.MAX_IMAGE_PIXELS
+    )
+    vector = extractor.embed([picture]).vectors[0]
+    return {"model": extractor.spec.key, "vector": [float(x) for x in vector]}
+
+
+def search_vector_for_upload(*, data: bytes) -> tuple[str, list[float]]:
+    """Embed an uploaded query image on the interactive queue and wait for the vector.
+
+    Raises `ImageRejected` for bad bytes and `SearchUnavailable` when no worker answers in time.
+    """
+    from celery.exceptions import TimeoutError as CeleryTimeout
+    from kombu.exceptions import OperationalError as BrokerError
+
+    from webapp.tasks import embed_query
+
+    if len(data) > settings.MAX_UPLOAD_BYTES:
+        raise UploadTooLarge(
+            f"The file is {len(data):,} bytes; at most {settings.MAX_UPLOAD_BYTES:,} bytes are accepted."
+        )
+    info = imaging.inspect_image(data, max_pixels=settings.MAX_IMAGE_PIXELS)
+    relative = f"queries/{secrets.token_hex(16)}.{info.extension}"
+    storage.write_atomic(relative, data)
+    try:
+        result = embed_query.apply_async(args=[relative], queue=INTERACTIVE_QUEUE)
+        answer = result.get(timeout=settings.SEARCH_TIMEOUT)
+    except (CeleryTimeout, BrokerError, OSError) as exc:
+        raise SearchUnavailable(
+            "No embedding worker answered in time; the search could not run. Try again shortly."
+        ) from exc
+    finally:
+        storage.delete(relative)
+    return str(answer["model"]), list(answer["vector"])

@@ -1,0 +1,42 @@
+"""Celery tasks: ids in, one service call, errors stored on the row."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task, shared_task
+from django.db import InterfaceError, OperationalError
+
+from webapp import services
+
+logger = logging.getLogger(__name__)
+
+#: Database hiccups are transient; anything else is a bug or bad data and is stored on the row.
+TRANSIENT_ERRORS = (OperationalError, InterfaceError)
+
+
+class EmbedImageTask(Task):  # type: ignore[misc]
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        image_id = args[0] if args else kwargs.get("image_id")
+        logger.error("embedding image %s failed: %s", image_id, exc)
+        services.image_mark_failed(image_id=image_id, error=f"{type(exc).__name__}: {exc}")
+
+
+@shared_task(
+    base=EmbedImageTask,
+    name="simili.embed_image",
+    autoretry_for=TRANSIENT_ERRORS,
+    retry_backoff=2,
+    retry_backoff_max=120,
+    max_retries=6,
+    acks_late=True,
+)
+def embed_image(image_id: int) -> None:
+    services.image_embed(image_id=image_id)
+
+
+@shared_task(name="simili.embed_query", acks_late=False, ignore_result=False)
+def embed_query(relative_path: str) -> dict[str, object]:
+    # Not acked late: a query nobody waits for any more must not be redelivered.
+    return services.query_embed(relative_path=relative_path)

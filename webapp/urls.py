@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from webapp import views
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("signup/", views.signup, name="signup"),
+    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("collections/new/", views.collection_create, name="collection_create"),
+    path("c/<str:key>/", views.collection_detail, name="collection"),
+    path("c/<str:key>/upload/", views.collection_upload, name="collection_upload"),
+    path("c/<str:key>/status.json", views.collection_status, name="collection_status"),
+    path("i/<str:key>/", views.image_detail, name="image"),
+    path("media/i/<str:key>/original", views.media_original, name="media_original"),
+    path("media/i/<str:key>/thumbnail", views.media_thumbnail, name="media_thumbnail"),
+    path("search/", views.search, name="search"),
+    path("admin/", admin.site.urls),
+]

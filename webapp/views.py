@@ -1,0 +1,223 @@
+"""HTML views: each reads like a script of what the page does."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from retrieval.errors import ImageRejected
+from webapp import selectors, services, storage
+from webapp.forms import CollectionForm, SearchForm, SignupForm
+from webapp.models import Collection, Image
+
+#: HTTP status for each rejection code, so the JSON answer of an upload says why it failed.
+REJECTION_STATUS = {
+    "file_too_large": 413,
+    "image_too_large": 413,
+    "unsupported_format": 415,
+    "empty_file": 400,
+    "corrupt_image": 400,
+    "invalid_image": 400,
+}
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    collections = selectors.collections_listed_for(request.user).order_by("-created_at")
+    return render(request, "home.html", {"collections": collections})
+
+
+@require_http_methods(["GET", "POST"])
+def signup(request: HttpRequest) -> HttpResponse:
+    form = SignupForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = form.save()
+        login(request, user)
+        messages.success(request, "Welcome to Simili. Create a collection to start.")
+        return redirect("home")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def collection_create(request: HttpRequest) -> HttpResponse:
+    form = CollectionForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        collection = services.collection_create(owner=request.user, **form.cleaned_data)
+        return redirect(collection)
+    return render(request, "collection_form.html", {"form": form})
+
+
+@require_GET
+def collection_detail(request: HttpRequest, key: str) -> HttpResponse:
+    collection = selectors.collection_for_viewer(key=key, viewer=request.user)
+    page = Paginator(selectors.collection_images(collection=collection), settings.PAGE_SIZE).get_page(
+        request.GET.get("page")
+    )
+    return render(
+        request,
+        "collection.html",
+        {
+            "collection": collection,
+            "page": page,
+            "can_upload": selectors.can_upload(request.user, collection),
+            "max_upload_bytes": settings.MAX_UPLOAD_BYTES,
+        },
+    )
+
+
+def _wants_json(request: HttpRequest) -> bool:
+    return "application/json" in request.headers.get("Accept", "")
+
+
+@require_POST
+def collection_upload(request: HttpRequest, key: str) -> HttpResponse:
+    collection = selectors.collection_for_viewer(key=key, viewer=request.user)
+    if not selectors.can_upload(request.user, collection):
+        if _wants_json(request):
+            return JsonResponse({"code": "forbidden", "message": "Only the owner uploads here."}, status=403)
+        raise Http404("No such collection.")
+    files = request.FILES.getlist("files")
+    if not files:
+        if _wants_json(request):
+            return JsonResponse({"code": "no_files", "message": "Choose at least one image."}, status=400)
+        messages.error(request, "Choose at least one image to upload.")
+        return redirect(collection)
+    results = [_ingest_one(request, collection, upload) for upload in files]
+    if _wants_json(request):
+        accepted = [r for r in results if r["outcome"] != "rejected"]
+        status = 202 if accepted else max(int(str(r["status"])) for r in results)
+        return JsonResponse({"results": results}, status=status)
+    for result in results:
+        if result["outcome"] == "rejected":
+            messages.error(request, f"{result['name']}: {result['message']}")
+    accepted_count = sum(1 for r in results if r["outcome"] == "accepted")
+    duplicates = sum(1 for r in results if r["outcome"] == "duplicate")
+    if accepted_count:
+        messages.success(request, f"{accepted_count} image(s) uploaded; they are being processed.")
+    if duplicates:
+        messages.info(request, f"{duplicates} image(s) were already in this collection.")
+    return redirect(collection)
+
+
+def _ingest_one(request: HttpRequest, collection: Collection, upload: object) -> dict[str, object]:
+    name = str(getattr(upload, "name", ""))
+    size = int(getattr(upload, "size", 0))
+    try:
+        if size > settings.MAX_UPLOAD_BYTES:
+            raise services.UploadTooLarge(
+                f"The file is {size:,} bytes; at most {settings.MAX_UPLOAD_BYTES:,} bytes are accepted."
+            )
+        data = upload.read()  # type: ignore[attr-defined]
+        result = services.image_ingest(
+            collection=collection, uploaded_by=request.user, data=data, name=name
+        )
+    except ImageRejected as exc:
+        return {
+            "name": name,
+            "outcome": "rejected",
+            "code": exc.code,
+            "message": str(exc),
+            "status": REJECTION_STATUS.get(exc.code, 400),
+        }
+    return {
+        "name": name,
+        "outcome": "accepted" if result.created else "duplicate",
+        "image": _image_json(result.image),
+        "status": 202,
+    }
+
+
+def _image_json(image: Image) -> dict[str, object]:
+    return {
+        "key": image.key,
+        "status": image.status,
+        "error": image.error,
+        "url": image.get_absolute_url(),
+        "thumbnail_url": reverse("media_thumbnail", args=[image.key]) if image.thumbnail_path else None,
+    }
+
+
+@require_GET
+def collection_status(request: HttpRequest, key: str) -> JsonResponse:
+    collection = selectors.collection_for_viewer(key=key, viewer=request.user)
+    keys = [k for k in request.GET.get("keys", "").split(",") if k]
+    images = selectors.images_status(collection=collection, keys=keys)
+    response = JsonResponse({"images": [_image_json(image) for image in images]})
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@require_GET
+def image_detail(request: HttpRequest, key: str) -> HttpResponse:
+    image = selectors.image_for_viewer(key=key, viewer=request.user)
+    similar = selectors.image_similar(image=image, viewer=request.user)
+    return render(request, "image.html", {"image": image, "similar": similar})
+
+
+def _media_response(request: HttpRequest, relative: str, content_type: str) -> FileResponse:
+    try:
+        handle = storage.media_path(relative).open("rb")
+    except (FileNotFoundError, ValueError):
+        raise Http404("No such file.") from None
+    response = FileResponse(handle, content_type=content_type)
+    response["X-Content-Type-Options"] = "nosniff"
+    # Private media must not sit in shared caches; browsers may keep it briefly.
+    response["Cache-Control"] = "private, max-age=300"
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return response
+
+
+@require_GET
+def media_original(request: HttpRequest, key: str) -> FileResponse:
+    image = selectors.image_for_viewer(key=key, viewer=request.user)
+    return _media_response(request, image.file_path, image.mime_type)
+
+
+@require_GET
+def media_thumbnail(request: HttpRequest, key: str) -> FileResponse:
+    image = selectors.image_for_viewer(key=key, viewer=request.user)
+    if not image.thumbnail_path:
+        raise Http404("The thumbnail is not ready yet.")
+    return _media_response(request, image.thumbnail_path, "image/jpeg")
+
+
+@require_http_methods(["GET", "POST"])
+def search(request: HttpRequest) -> HttpResponse:
+    collections = list(selectors.collections_searchable_by(request.user))
+    form = SearchForm(request.POST or None, request.FILES or None, collections=collections)
+    context: dict[str, object] = {"form": form, "results": None}
+    status = 200
+    if request.method == "POST" and form.is_valid():
+        chosen = form.cleaned_data.get("collection")
+        collection_ids = [form.collections[chosen].pk] if chosen else None
+        upload = form.cleaned_data["image"]
+        try:
+            if upload.size > settings.MAX_UPLOAD_BYTES:
+                raise services.UploadTooLarge(
+                    f"The file is {upload.size:,} bytes; at most {settings.MAX_UPLOAD_BYTES:,} bytes are accepted."
+                )
+            model_key, vector = services.search_vector_for_upload(data=upload.read())
+            version = selectors.active_model_version()
+            if version is None or version.key != model_key:
+                context["results"] = []
+            else:
+                context["results"] = selectors.vector_similar(
+                    vector=vector, version=version, viewer=request.user,
+                    k=settings.SIMILAR_K, collection_ids=collection_ids,
+                )
+        except ImageRejected as exc:
+            form.add_error("image", str(exc))
+            status = REJECTION_STATUS.get(exc.code, 400)
+        except services.SearchUnavailable as exc:
+            context["unavailable"] = str(exc)
+            status = 503
+    elif request.method == "POST":
+        status = 400
+    return render(request, "search.html", context, status=status)

@@ -1,0 +1,189 @@
+"""Fixtures: real embedded PostgreSQL + pgvector, real Redis, a real Celery worker process."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from django.conf import settings
+from django.test import Client
+from PIL import Image as PILImage
+
+from webapp import embedded
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def embedded_postgres() -> Iterator[None]:
+    started = False
+    if settings.EMBEDDED_POSTGRES:
+        started = embedded.start_postgres(settings.EMBEDDED, database="simili")
+    yield
+    if started:
+        embedded.stop_postgres(settings.EMBEDDED)
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(embedded_postgres: None) -> None:
+    """Make sure the server runs before pytest-django creates the test database."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server() -> Iterator[str]:
+    process = embedded.start_redis(settings.EMBEDDED) if settings.EMBEDDED_REDIS else None
+    import redis
+
+    url = settings.REDIS_URL.replace("redis+socket://", "unix://").replace("?virtual_host=", "?db=")
+    client = redis.Redis.from_url(url)
+    client.flushdb()  # stale messages from an earlier run would name rows that no longer exist
+    yield settings.REDIS_URL
+    embedded.stop_process(process)
+
+
+@pytest.fixture(autouse=True)
+def clean_media() -> None:
+    shutil.rmtree(settings.MEDIA_ROOT, ignore_errors=True)
+    Path(settings.MEDIA_ROOT).mkdir(parents=True, exist_ok=True)
+
+
+def _worker_database_url() -> str:
+    db = settings.DATABASES["default"]
+    host = db.get("HOST") or db.get("OPTIONS", {}).get("host", "")
+    user = db.get("USER") or "postgres"
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    if host.startswith("/"):
+        return f"postgresql://{user}{password}@/{db['NAME']}?host={host}"
+    port = f":{db['PORT']}" if db.get("PORT") else ""
+    return f"postgresql://{user}{password}@{host}{port}/{db['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup: None, django_db_blocker: object) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `celery worker` process on the test database, the test Redis and the test media."""
+    from webapp.celery import app
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = (ARTIFACTS / "celery-worker.log").open("wb")
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": _worker_database_url(),
+        "EMBEDDING_DEVICE": "cpu",
+    }
+    name = f"test-{uuid.uuid4().hex[:8]}@%h"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-P", "solo",
+         "-Q", "interactive,bulk", "--loglevel", "INFO", "-n", name, "--without-gossip", "--without-mingle"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"celery worker exited with {process.returncode}; see {log.name}")
+        replies = app.control.ping(timeout=1.0)
+        if replies:
+            break
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"celery worker did not answer within 120 s; see {log.name}")
+    yield process
+    embedded.stop_process(process, timeout=20)
+    log.close()
+
+
+# --- personas -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def owner(django_user_model):
+    return django_user_model.objects.create_user(username="olivia", password="pw-olivia-1")
+
+
+@pytest.fixture
+def outsider(django_user_model):
+    return django_user_model.objects.create_user(username="oscar", password="pw-oscar-1")
+
+
+@pytest.fixture
+def admin_user(django_user_model):
+    return django_user_model.objects.create_superuser(username="ada", password="pw-ada-1")
+
+
+def _client_for(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def owner_client(owner) -> Client:
+    return _client_for(owner)
+
+
+@pytest.fixture
+def outsider_client(outsider) -> Client:
+    return _client_for(outsider)
+
+
+@pytest.fixture
+def admin_client_(admin_user) -> Client:
+    return _client_for(admin_user)
+
+
+@pytest.fixture
+def anonymous_client() -> Client:
+    return Client()
+
+
+# --- real photos ----------------------------------------------------------------------
+
+
+def photo_bytes(array: np.ndarray, fmt: str = "JPEG", **save: object) -> bytes:
+    image = PILImage.fromarray(array)
+    if fmt == "JPEG" and image.mode != "RGB":
+        image = image.convert("RGB")
+    out = io.BytesIO()
+    image.save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    """Real photos that ship with scikit-image, as JPEG/PNG/WebP bytes."""
+    from skimage import data
+
+    return {
+        "chelsea.jpg": photo_bytes(data.chelsea()),
+        "coffee.png": photo_bytes(data.coffee(), "PNG"),
+        "rocket.webp": photo_bytes(data.rocket(), "WEBP", quality=90),
+        "astronaut.jpg": photo_bytes(data.astronaut()),
+        "motorcycle.jpg": photo_bytes(data.stereo_motorcycle()[0]),
+    }
+
+
+def near_copy(data: bytes) -> bytes:
+    """A resized, cropped, mirrored, re-encoded copy of a photo."""
+    image = PILImage.open(io.BytesIO(data)).convert("RGB")
+    w, h = image.size
+    image = image.crop((w // 12, h // 12, w - w // 12, h - h // 12))
+    image = image.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT).resize((w * 2 // 3, h * 2 // 3))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=80)
+    return out.getvalue()
+
+
+def media_files() -> list[Path]:
+    """Every stored file under MEDIA_ROOT (originals, thumbnails, queries)."""
+    root = Path(settings.MEDIA_ROOT)
+    return sorted(p for p in root.rglob("*") if p.is_file())

@@ -1,0 +1,27 @@
+"""Test settings: the real app settings, with embedded servers and media kept under var/test/.
+
+Keeping them apart from var/ lets the suite run while `make serve` runs, without either
+seeing the other's data or queue.
+"""
+
+from __future__ import annotations
+
+import dj_database_url
+
+from webapp.embedded import Layout
+from webapp.settings import *  # noqa: F403
+from webapp.settings import BASE_DIR, EMBEDDED_POSTGRES, EMBEDDED_REDIS
+
+TEST_VAR_DIR = BASE_DIR / "var" / "test"
+EMBEDDED = Layout(TEST_VAR_DIR)
+
+if EMBEDDED_POSTGRES:
+    DATABASES = {"default": dj_database_url.parse(EMBEDDED.database_url("simili"))}
+if EMBEDDED_REDIS:
+    REDIS_URL = EMBEDDED.redis_url()
+    CELERY_BROKER_URL = REDIS_URL
+    CELERY_RESULT_BACKEND = REDIS_URL
+
+MEDIA_ROOT = TEST_VAR_DIR / "media"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests
+SEARCH_TIMEOUT = 60.0  # the first query waits for the worker to load the CNN

@@ -1,0 +1,78 @@
+"""Decoding and validating image bytes by content."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval import imaging
+from retrieval.errors import CorruptImage, ImageTooLarge, UnsupportedFormat
+
+
+def _encode(image: Image.Image, fmt: str, **kw: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kw)
+    return out.getvalue()
+
+
+def test_format_is_decided_by_content_not_name() -> None:
+    png = _encode(Image.new("RGB", (40, 30), (1, 2, 3)), "PNG")
+    info = imaging.inspect_image(png)
+    assert (info.format, info.mime, info.extension, info.width, info.height) == ("PNG", "image/png", "png", 40, 30)
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "code"),
+    [
+        (b"", CorruptImage, "empty_file"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", UnsupportedFormat, "unsupported_format"),
+        (b"%PDF-1.4 hello", UnsupportedFormat, "unsupported_format"),
+        (b"GIF89a" + b"\0" * 20, UnsupportedFormat, "unsupported_format"),
+    ],
+)
+def test_non_images_are_rejected_with_a_code(data: bytes, error: type, code: str) -> None:
+    with pytest.raises(error) as excinfo:
+        imaging.inspect_image(data)
+    assert excinfo.value.code == code
+
+
+def test_a_truncated_jpeg_is_corrupt() -> None:
+    noise = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    data = _encode(Image.fromarray(noise), "JPEG")
+    with pytest.raises(CorruptImage):
+        imaging.inspect_image(data[: len(data) // 2])
+
+
+def test_too_many_pixels_is_rejected_before_decoding() -> None:
+    data = _encode(Image.new("L", (5000, 5000)), "PNG")
+    with pytest.raises(ImageTooLarge):
+        imaging.inspect_image(data, max_pixels=1_000_000)
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (60, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    loaded = imaging.load_image(_encode(image, "JPEG", exif=exif))
+    assert loaded.size == (20, 60)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "I;16"])
+def test_any_mode_becomes_rgb(mode: str) -> None:
+    image = Image.new("RGB", (32, 24), (10, 200, 30)).convert(mode) if mode != "I;16" else Image.new("I;16", (32, 24))
+    loaded = imaging.load_image(_encode(image, "PNG"))
+    assert loaded.mode == "RGB" and loaded.size == (32, 24)
+
+
+def test_transparent_pixels_become_white() -> None:
+    image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    loaded = imaging.load_image(_encode(image, "PNG"))
+    assert loaded.getpixel((3, 3)) == (255, 255, 255)
+
+
+def test_thumbnail_fits_the_box() -> None:
+    thumb = imaging.make_thumbnail(Image.new("RGB", (1000, 500)), max_side=200)
+    assert Image.open(io.BytesIO(thumb)).size == (200, 100)

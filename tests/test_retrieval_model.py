@@ -1,0 +1,65 @@
+"""The real EfficientNet-Lite0 weights: they classify and they embed like an ImageNet CNN."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from retrieval import imaging
+from retrieval.backbones import get_backbone
+from retrieval.extraction import Extractor
+
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+@pytest.fixture(scope="module")
+def extractor() -> Extractor:
+    return Extractor(get_backbone("efficientnet_lite0"), device="cpu")
+
+
+def _rgb(array: np.ndarray) -> Image.Image:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return imaging.load_image(out.getvalue())
+
+
+def test_chelsea_is_classified_as_a_cat(extractor: Extractor) -> None:
+    result = extractor.embed([_rgb(data.chelsea())])
+    assert result.logits is not None
+    assert int(np.argmax(result.logits[0])) in CAT_CLASSES
+
+
+def test_a_near_copy_is_far_more_similar_than_an_unrelated_photo(extractor: Extractor) -> None:
+    cat = _rgb(data.chelsea())
+    copy = cat.crop((30, 20, 430, 290)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((300, 200))
+    vectors = extractor.embed([cat, copy, _rgb(data.coffee()), _rgb(data.rocket())]).vectors
+    near = float(vectors[0] @ vectors[1])
+    unrelated = max(float(vectors[0] @ vectors[2]), float(vectors[0] @ vectors[3]))
+    assert near > 0.85
+    assert unrelated < 0.4
+    assert near - unrelated > 0.5
+
+
+def test_embeddings_are_unit_length_float32_in_input_order(extractor: Extractor) -> None:
+    images = [_rgb(data.coffee()), _rgb(data.chelsea()), _rgb(data.coffee())]
+    vectors = extractor.embed(images).vectors
+    assert vectors.dtype == np.float32
+    assert vectors.shape == (3, 1280)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-6)
+    assert float(vectors[0] @ vectors[1]) < 0.9
+
+
+def test_retrieval_imports_without_django() -> None:
+    code = (
+        "import sys, retrieval.backbones, retrieval.extraction, retrieval.imaging, retrieval.preprocessing;"
+        "assert 'django' not in sys.modules, 'retrieval imported django'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -197,6 +197,9 @@ def start_redis(layout: Layout) -> subprocess.Popen[bytes] | None:
          "--dir", str(layout.redis_dir), "--appendonly", "yes",
          "--logfile", str(log_dir / "redis.log"), "--daemonize", "no"],
         stdin=subprocess.DEVNULL,
+        # Its own session: a Ctrl-C in the terminal must reach our launcher only, which
+        # stops the worker before Redis so nothing is left mid-message.
+        start_new_session=True,
     )
     deadline = time.monotonic() + 20
     while not redis_running(layout):

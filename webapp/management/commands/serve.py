@@ -45,6 +45,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"Starting embedded Redis in {settings.EMBEDDED.redis_dir} …")
                 redis_process = embedded.start_redis(settings.EMBEDDED)
             call_command("migrate", interactive=False, verbosity=1)
+            call_command("collectstatic", interactive=False, verbosity=0)
             children.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-P", "solo",

@@ -1,0 +1,92 @@
+"""`manage.py serve` (what `make serve` runs): one command starts everything; Ctrl-C stops it all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from webapp import embedded
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start(var_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"}}
+    env["SIMILI_VAR_DIR"] = str(var_dir)
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "serve", "--port", str(port), "--web-workers", "1"],
+        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, as a terminal gives it
+    )
+
+
+def _wait_for_page(url: str, process: subprocess.Popen[bytes], log: Path) -> str:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.read().decode()
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"no page at {url} within 120 s:\n{log.read_text()[-3000:]}")
+
+
+def _ctrl_c(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
+    process.wait(timeout=60)
+    return descendants
+
+
+@pytest.mark.worker
+def test_serve_starts_everything_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
+    var_dir = tmp_path / "var"
+    layout = embedded.Layout(var_dir)
+    port = _free_port()
+    log = tmp_path / "serve.log"
+
+    process = _start(var_dir, port, log)
+    try:
+        page = _wait_for_page(f"http://127.0.0.1:{port}/", process, log)
+        assert "Collections" in page
+        assert f"Simili is running at http://127.0.0.1:{port}/" in log.read_text()
+        assert embedded.postgres_running(layout)
+        assert embedded.redis_running(layout)
+        workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "celery" in " ".join(p.cmdline())]
+        assert workers, "no Celery worker was started"
+        descendants = _ctrl_c(process)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0
+    time.sleep(1)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants)
+    assert not embedded.postgres_running(layout)
+    assert not embedded.redis_running(layout)
+
+    # Running it again reuses the data: no second initdb, same database.
+    process = _start(var_dir, port, log)
+    try:
+        _wait_for_page(f"http://127.0.0.1:{port}/", process, log)
+        assert "initialising embedded PostgreSQL" not in log.read_text()
+        _ctrl_c(process)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert not embedded.postgres_running(layout)

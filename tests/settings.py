@@ -10,7 +10,7 @@ import dj_database_url
 
 from webapp.embedded import Layout
 from webapp.settings import *  # noqa: F403
-from webapp.settings import BASE_DIR, EMBEDDED_POSTGRES, EMBEDDED_REDIS
+from webapp.settings import BASE_DIR, CACHES, EMBEDDED_POSTGRES, EMBEDDED_REDIS, _redis_cache_location
 
 TEST_VAR_DIR = BASE_DIR / "var" / "test"
 EMBEDDED = Layout(TEST_VAR_DIR)
@@ -21,6 +21,7 @@ if EMBEDDED_REDIS:
     REDIS_URL = EMBEDDED.redis_url()
     CELERY_BROKER_URL = REDIS_URL
     CELERY_RESULT_BACKEND = REDIS_URL
+    CACHES["default"]["LOCATION"] = _redis_cache_location(REDIS_URL)
 
 MEDIA_ROOT = TEST_VAR_DIR / "media"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests

@@ -11,7 +11,7 @@ from django.db import connection, transaction
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404
 
-from webapp.models import Collection, Embedding, EmbeddingModel, Image, ImageStatus, Visibility
+from webapp.models import ApiToken, Collection, Embedding, EmbeddingModel, Image, ImageStatus, Visibility
 
 
 class Viewer(Protocol):
@@ -61,6 +61,29 @@ def can_view_collection(viewer: Viewer, collection: Collection) -> bool:
     if collection.visibility in (Visibility.PUBLIC, Visibility.UNLISTED):
         return True
     return _is_admin(viewer) or (viewer.is_authenticated and collection.owner_id == viewer.pk)
+
+
+def can_manage(viewer: Viewer, collection: Collection) -> bool:
+    """The owner and admins change a collection's settings, delete it or its images."""
+    return _is_admin(viewer) or bool(viewer.is_authenticated and collection.owner_id == viewer.pk)
+
+
+def api_token_for(*, token: str) -> ApiToken | None:
+    """Return the active token row matching a presented bearer token, or None."""
+    import hashlib
+
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    return ApiToken.objects.select_related("user").filter(digest=digest, revoked_at__isnull=True).first()
+
+
+def api_tokens_of(*, user: Viewer) -> QuerySet[ApiToken]:
+    """Return a user's tokens, newest first, revoked ones included."""
+    return ApiToken.objects.filter(user_id=user.pk)
+
+
+def embed_origins(collection: Collection) -> set[str]:
+    """Return the origins allowed to embed a collection's widget, normalised."""
+    return {line.strip().rstrip("/").lower() for line in collection.embed_origins.splitlines() if line.strip()}
 
 
 def can_upload(viewer: Viewer, collection: Collection) -> bool:
@@ -165,7 +188,9 @@ def vector_similar(
     ]
 
 
-def image_similar(*, image: Image, viewer: Viewer, k: int | None = None) -> list[SimilarImage]:
+def image_similar(
+    *, image: Image, viewer: Viewer, k: int | None = None, collection_ids: Sequence[int] | None = None
+) -> list[SimilarImage]:
     """Return the images most similar to a stored image, among those the viewer may see."""
     version = active_model_version()
     if version is None or not image.is_ready:
@@ -175,5 +200,5 @@ def image_similar(*, image: Image, viewer: Viewer, k: int | None = None) -> list
         return []
     return vector_similar(
         vector=vector, version=version, viewer=viewer, k=k or settings.SIMILAR_K,
-        exclude_image_id=image.pk,
+        collection_ids=collection_ids, exclude_image_id=image.pk,
     )

@@ -18,7 +18,7 @@ from retrieval.backbones import BackboneSpec, get_backbone
 from retrieval.errors import ImageRejected
 from retrieval.extraction import Extractor
 from webapp import storage
-from webapp.models import Collection, Embedding, EmbeddingModel, Image, ImageStatus
+from webapp.models import ApiToken, Collection, Embedding, EmbeddingModel, Image, ImageStatus
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,28 @@ BULK_QUEUE = "bulk"
 
 class UploadTooLarge(ImageRejected):
     code = "file_too_large"
+
+
+#: HTTP status for each rejection code, so every interface answers a bad upload the same way.
+REJECTION_STATUS = {
+    "file_too_large": 413,
+    "image_too_large": 413,
+    "unsupported_format": 415,
+    "empty_file": 400,
+    "corrupt_image": 400,
+    "invalid_image": 400,
+}
+
+
+def rejection_status(exc: ImageRejected) -> int:
+    """Return the HTTP status that answers a rejected upload."""
+    return REJECTION_STATUS.get(exc.code, 400)
+
+
+def upload_check_size(*, size: int) -> None:
+    """Raise `UploadTooLarge` before reading a file that is over the byte limit."""
+    if size > settings.MAX_UPLOAD_BYTES:
+        raise UploadTooLarge(f"The file is {size:,} bytes; at most {settings.MAX_UPLOAD_BYTES:,} bytes are accepted.")
 
 
 class SearchUnavailable(Exception):
@@ -59,6 +81,53 @@ def collection_create(
     )
 
 
+def collection_update(*, collection: Collection, **fields: str) -> Collection:
+    """Change a collection's name, description, visibility or embed origins."""
+    allowed = {"name", "description", "visibility", "embed_origins"}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"expected fields among {sorted(allowed)}, got {sorted(unknown)}")
+    for name, value in fields.items():
+        setattr(collection, name, value.strip() if isinstance(value, str) else value)
+    collection.save()
+    return collection
+
+
+def collection_delete(*, collection: Collection) -> None:
+    """Delete a collection with its images, embeddings and every file no other row uses."""
+    paths = list(collection.images.values_list("file_path", "thumbnail_path"))
+    collection.delete()
+    for original, thumbnail in paths:
+        _delete_unreferenced(original)
+        _delete_unreferenced(thumbnail)
+
+
+def api_token_create(*, user: AbstractBaseUser, name: str) -> tuple[ApiToken, str]:
+    """Create an API token; return the row and the token, which is never shown again."""
+    token = "sim_" + secrets.token_urlsafe(32)
+    row = ApiToken.objects.create(
+        user=user,
+        name=name.strip() or "API token",
+        prefix=token[:10],
+        digest=hashlib.sha256(token.encode()).hexdigest(),
+    )
+    return row, token
+
+
+def api_token_revoke(*, token: ApiToken) -> None:
+    """Revoke a token: requests that present it are refused from now on."""
+    if token.revoked_at is None:
+        ApiToken.objects.filter(pk=token.pk).update(revoked_at=timezone.now())
+        token.revoked_at = timezone.now()
+
+
+def api_token_touch(*, token: ApiToken) -> None:
+    """Record that a token was used (at most once a minute, to spare writes)."""
+    now = timezone.now()
+    if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+
+
 def _enqueue_embed(image_id: int, *, queue: str) -> None:
     from webapp.tasks import embed_image
 
@@ -77,10 +146,7 @@ def image_ingest(
     Raises `ImageRejected` (nothing stored) when the bytes are not an acceptable image.
     The same content uploaded twice into one collection returns the existing image.
     """
-    if len(data) > settings.MAX_UPLOAD_BYTES:
-        raise UploadTooLarge(
-            f"The file is {len(data):,} bytes; at most {settings.MAX_UPLOAD_BYTES:,} bytes are accepted."
-        )
+    upload_check_size(size=len(data))
     info = imaging.inspect_image(data, max_pixels=settings.MAX_IMAGE_PIXELS)
     sha256 = hashlib.sha256(data).hexdigest()
     existing = Image.objects.filter(collection=collection, sha256=sha256).first()
@@ -243,10 +309,7 @@ def search_vector_for_upload(*, data: bytes) -> tuple[str, list[float]]:
 
     from webapp.tasks import embed_query
 
-    if len(data) > settings.MAX_UPLOAD_BYTES:
-        raise UploadTooLarge(
-            f"The file is {len(data):,} bytes; at most {settings.MAX_UPLOAD_BYTES:,} bytes are accepted."
-        )
+    upload_check_size(size=len(data))
     info = imaging.inspect_image(data, max_pixels=settings.MAX_IMAGE_PIXELS)
     relative = f"queries/{secrets.token_hex(16)}.{info.extension}"
     storage.write_atomic(relative, data)

@@ -125,6 +125,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "ninja",
     "webapp.apps.SimiliConfig",
 ]
 
@@ -171,6 +172,23 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 _redis_url = env_url("REDIS_URL", {"redis", "rediss", "redis+socket", "unix"})
 EMBEDDED_REDIS = _redis_url is None
 REDIS_URL = _redis_url or EMBEDDED.redis_url()
+
+
+def _redis_cache_location(url: str) -> str:
+    # redis-py spells a Unix socket unix:///path?db=N; Celery/kombu spell it redis+socket://.
+    if url.startswith("redis+socket://"):
+        return "unix://" + url.removeprefix("redis+socket://").replace("virtual_host=", "db=")
+    return url
+
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": _redis_cache_location(REDIS_URL),
+        "KEY_PREFIX": "simili",
+        "TIMEOUT": 300,
+    }
+}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -225,6 +243,31 @@ SIMILAR_K = env_int("SIMILAR_K", 12, minimum=1, maximum=100)
 HNSW_EF_SEARCH = env_int("HNSW_EF_SEARCH", 100, minimum=1, maximum=1000)
 SEARCH_TIMEOUT = env_float("SEARCH_TIMEOUT", 20.0, minimum=0.1)
 PAGE_SIZE = env_int("PAGE_SIZE", 48, minimum=1, maximum=500)
+
+
+
+def env_rate(name: str, default: str) -> tuple[int, int]:
+    """Return a rate written "N/S" (N requests per S seconds) as (N, S); "0/1" disables it."""
+    raw = env_str(name, default)
+    count, _, seconds = raw.partition("/")
+    try:
+        parsed = (int(count), int(seconds))
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a rate; write N/S, e.g. 30/60") from None
+    if parsed[0] < 0 or parsed[1] < 1:
+        raise ImproperlyConfigured(f"{name}={raw!r} is out of range; N must be >= 0 and S >= 1")
+    return parsed
+
+
+# Expensive endpoints, per user and per client IP; 0 requests means unlimited.
+RATE_LIMIT_SEARCH = env_rate("RATE_LIMIT_SEARCH", "30/60")
+RATE_LIMIT_UPLOAD = env_rate("RATE_LIMIT_UPLOAD", "60/60")
+# Number of reverse proxies in front of the app whose X-Forwarded-For entries are trusted.
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0, maximum=10)
+
+# Widget: may any origin embed a public collection's widget? Per-collection origins always may.
+WIDGET_PUBLIC_ANY_ORIGIN = env_bool("WIDGET_PUBLIC_ANY_ORIGIN", True)
+API_PAGE_SIZE = env_int("API_PAGE_SIZE", 50, minimum=1, maximum=500)
 
 # Celery
 CELERY_BROKER_URL = REDIS_URL

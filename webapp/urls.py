@@ -4,7 +4,8 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from webapp import views
+from webapp import views, widget
+from webapp.api import api
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -19,5 +20,9 @@ urlpatterns = [
     path("media/i/<str:key>/original", views.media_original, name="media_original"),
     path("media/i/<str:key>/thumbnail", views.media_thumbnail, name="media_thumbnail"),
     path("search/", views.search, name="search"),
+    path("account/tokens/", views.account_tokens, name="account_tokens"),
+    path("account/tokens/<int:token_id>/revoke/", views.account_token_revoke, name="account_token_revoke"),
+    path("embed/similar/<str:key>/", widget.embed_similar, name="embed_similar"),
+    path("api/v1/", api.urls),
     path("admin/", admin.site.urls),
 ]

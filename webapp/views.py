@@ -17,16 +17,6 @@ from webapp import selectors, services, storage
 from webapp.forms import CollectionForm, SearchForm, SignupForm
 from webapp.models import Collection, Image
 
-#: HTTP status for each rejection code, so the JSON answer of an upload says why it failed.
-REJECTION_STATUS = {
-    "file_too_large": 413,
-    "image_too_large": 413,
-    "unsupported_format": 415,
-    "empty_file": 400,
-    "corrupt_image": 400,
-    "invalid_image": 400,
-}
-
 
 def home(request: HttpRequest) -> HttpResponse:
     collections = selectors.collections_listed_for(request.user).order_by("-created_at")
@@ -110,10 +100,7 @@ def _ingest_one(request: HttpRequest, collection: Collection, upload: object) ->
     name = str(getattr(upload, "name", ""))
     size = int(getattr(upload, "size", 0))
     try:
-        if size > settings.MAX_UPLOAD_BYTES:
-            raise services.UploadTooLarge(
-                f"The file is {size:,} bytes; at most {settings.MAX_UPLOAD_BYTES:,} bytes are accepted."
-            )
+        services.upload_check_size(size=size)
         data = upload.read()  # type: ignore[attr-defined]
         result = services.image_ingest(
             collection=collection, uploaded_by=request.user, data=data, name=name
@@ -124,7 +111,7 @@ def _ingest_one(request: HttpRequest, collection: Collection, upload: object) ->
             "outcome": "rejected",
             "code": exc.code,
             "message": str(exc),
-            "status": REJECTION_STATUS.get(exc.code, 400),
+            "status": services.rejection_status(exc),
         }
     return {
         "name": name,
@@ -188,6 +175,29 @@ def media_thumbnail(request: HttpRequest, key: str) -> FileResponse:
     return _media_response(request, image.thumbnail_path, "image/jpeg")
 
 
+@login_required
+@require_http_methods(["GET", "POST"])
+def account_tokens(request: HttpRequest) -> HttpResponse:
+    created = None
+    if request.method == "POST":
+        _, created = services.api_token_create(user=request.user, name=request.POST.get("name", ""))
+    tokens = selectors.api_tokens_of(user=request.user)
+    response = render(request, "account_tokens.html", {"tokens": tokens, "created": created})
+    response["Cache-Control"] = "no-store"  # the new token is on this page once
+    return response
+
+
+@login_required
+@require_POST
+def account_token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
+    token = selectors.api_tokens_of(user=request.user).filter(pk=token_id).first()
+    if token is None:
+        raise Http404("No such token.")
+    services.api_token_revoke(token=token)
+    messages.success(request, f"Token {token.name} revoked.")
+    return redirect("account_tokens")
+
+
 @require_http_methods(["GET", "POST"])
 def search(request: HttpRequest) -> HttpResponse:
     collections = list(selectors.collections_searchable_by(request.user))
@@ -199,10 +209,7 @@ def search(request: HttpRequest) -> HttpResponse:
         collection_ids = [form.collections[chosen].pk] if chosen else None
         upload = form.cleaned_data["image"]
         try:
-            if upload.size > settings.MAX_UPLOAD_BYTES:
-                raise services.UploadTooLarge(
-                    f"The file is {upload.size:,} bytes; at most {settings.MAX_UPLOAD_BYTES:,} bytes are accepted."
-                )
+            services.upload_check_size(size=upload.size)
             model_key, vector = services.search_vector_for_upload(data=upload.read())
             version = selectors.active_model_version()
             if version is None or version.key != model_key:
@@ -214,7 +221,7 @@ def search(request: HttpRequest) -> HttpResponse:
                 )
         except ImageRejected as exc:
             form.add_error("image", str(exc))
-            status = REJECTION_STATUS.get(exc.code, 400)
+            status = services.rejection_status(exc)
         except services.SearchUnavailable as exc:
             context["unavailable"] = str(exc)
             status = 503

@@ -16,23 +16,43 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FeatureModel(nn.Module):
-    """Wrap a CNN so that every backbone answers `forward(x) -> (features, logits | None)`."""
+    """Wrap a CNN so that every backbone answers `forward(x) -> (features, logits | None)`.
+
+    Backbones that also give `feature_map` expose their last (N, C, H, W) map, so that
+    another pooling than the trunk's own (GeM, several scales) can be applied to it.
+    """
 
     def __init__(
         self,
         trunk: nn.Module,
         features: Callable[[nn.Module, torch.Tensor], torch.Tensor],
         head: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None,
+        feature_map: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.trunk = trunk
         self._features = features
         self._head = head
+        self._feature_map = feature_map
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         pooled = self._features(self.trunk, x)
         logits = self._head(self.trunk, pooled) if self._head is not None else None
         return pooled, logits
+
+    @property
+    def has_feature_map(self) -> bool:
+        return self._feature_map is not None
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the last convolutional map (N, C, H, W), before any pooling."""
+        if self._feature_map is None:
+            raise NotImplementedError("this backbone does not expose its feature map")
+        return self._feature_map(self.trunk, x)
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor | None:
+        """Return the classifier's logits for globally average-pooled features, if it has one."""
+        return self._head(self.trunk, pooled) if self._head is not None else None
 
 
 @dataclass(frozen=True)
@@ -66,14 +86,23 @@ class BackboneSpec:
                 "Simili never downloads weights: place the file there (or in torch's cache) first."
             )
         model = self.build()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+        state = _read_state(path)
         target = model.trunk.state_dict()
         if self.remap_keys:
             state = _remap_in_order(state, target, name=self.name)
         model.trunk.load_state_dict(state, strict=True)
         return model.eval()
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
 
 
 def _remap_in_order(
@@ -99,14 +128,22 @@ def _timm_features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return trunk.forward_head(trunk.forward_features(x), pre_logits=True)  # type: ignore[operator]
 
 
+def _timm_feature_map(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return trunk.forward_features(x)  # type: ignore[operator]
+
+
 def _timm_head(trunk: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
     return trunk.get_classifier()(pooled)  # type: ignore[operator]
 
 
-def _torchvision_resnet_features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _torchvision_resnet_feature_map(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
         x = getattr(trunk, name)(x)
-    return torch.flatten(trunk.avgpool(x), 1)  # type: ignore[operator]
+    return x
+
+
+def _torchvision_resnet_features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(trunk.avgpool(_torchvision_resnet_feature_map(trunk, x)), 1)  # type: ignore[operator]
 
 
 def _torchvision_resnet_head(trunk: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
@@ -117,14 +154,19 @@ def _build_efficientnet_lite0() -> FeatureModel:
     import timm
 
     return FeatureModel(
-        timm.create_model("efficientnet_lite0", pretrained=False), _timm_features, _timm_head
+        timm.create_model("efficientnet_lite0", pretrained=False), _timm_features, _timm_head, _timm_feature_map
     )
 
 
 def _build_resnet50() -> FeatureModel:
     from torchvision.models import resnet50
 
-    return FeatureModel(resnet50(weights=None), _torchvision_resnet_features, _torchvision_resnet_head)
+    return FeatureModel(
+        resnet50(weights=None),
+        _torchvision_resnet_features,
+        _torchvision_resnet_head,
+        _torchvision_resnet_feature_map,
+    )
 
 
 def _efficientnet_lite0_weights() -> Path:
@@ -178,16 +220,42 @@ def _index(specs: tuple[BackboneSpec, ...]) -> dict[str, BackboneSpec]:
 _REGISTRY = _index(_SPECS)
 
 
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a spec built at run time (a trained checkpoint, an architecture) to the registry.
+
+    Args:
+        spec: the backbone; its name must not be registered yet.
+
+    Returns:
+        The same spec, now found by `get_backbone(spec.name)`.
+    """
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
 def available_backbones() -> list[str]:
     """Return the names of every registered backbone, sorted."""
     return sorted(_REGISTRY)
 
 
 def get_backbone(name: str) -> BackboneSpec:
-    """Return the spec registered under `name`, or raise `UnknownBackbone` listing valid names."""
+    """Return the spec registered under `name`, or raise `UnknownBackbone` listing valid names.
+
+    Besides registered names, "torchvision:ARCH" and "timm:ARCH" name any architecture of
+    those libraries whose weights file is in torch's cache (see `retrieval.architectures`).
+    """
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownBackbone(
-            f"unknown backbone {name!r}; expected one of: {', '.join(available_backbones())}"
-        ) from None
+        pass
+    prefix, _, arch = name.partition(":")
+    if arch and prefix in ("torchvision", "timm"):
+        from retrieval.architectures import architecture_backbone
+
+        return architecture_backbone(prefix, arch)
+    raise UnknownBackbone(
+        f"unknown backbone {name!r}; expected one of: {', '.join(available_backbones())}, "
+        "or torchvision:ARCH / timm:ARCH"
+    ) from None

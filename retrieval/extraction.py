@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from retrieval.backbones import BackboneSpec, FeatureModel
-from retrieval.preprocessing import to_tensor
+from retrieval.pooling import POOLINGS, combine_scales
+from retrieval.preprocessing import RESIZE_MODES, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,67 @@ class Embeddings:
     """Unit-length float32 vectors, one row per image, and ImageNet logits where available."""
 
     vectors: np.ndarray
+    logits: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """How a backbone turns an image into one vector: resize mode, pooling, input sizes.
+
+    `EmbeddingConfig.for_backbone(spec)` is the spec's own recipe (what `Extractor.embed`
+    does without a config); anything else is stored under a longer `key(spec)`.
+    """
+
+    resize: str = "short_side"
+    pooling: str = "gap"
+    scales: tuple[int, ...] = (224,)
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {self.resize!r}; expected one of: {', '.join(RESIZE_MODES)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; expected one of: {', '.join(POOLINGS)}")
+        if not self.scales or any(size < 16 for size in self.scales):
+            raise ValueError(f"expected one or more input sizes of at least 16 pixels, got {self.scales}")
+
+    @classmethod
+    def for_backbone(
+        cls,
+        spec: BackboneSpec,
+        *,
+        resize: str | None = None,
+        pooling: str = "gap",
+        scales: tuple[int, ...] | None = None,
+    ) -> EmbeddingConfig:
+        """Return the spec's own recipe, with the given fields replaced.
+
+        Args:
+            spec: the backbone.
+            resize: "short_side" (whole image, aspect kept) or "center_crop"; default the spec's.
+            pooling: "gap" (global average) or "gem" (generalised mean, p=3).
+            scales: input sizes (short side) whose descriptors are averaged; default the spec's one.
+
+        Returns:
+            The configuration.
+        """
+        return cls(
+            resize=spec.resize if resize is None else resize,
+            pooling=pooling,
+            scales=(spec.input_size,) if scales is None else tuple(scales),
+        )
+
+    def key(self, spec: BackboneSpec) -> str:
+        """Return the identifier to store with vectors made this way; the spec's key for its own recipe."""
+        if self == EmbeddingConfig.for_backbone(spec):
+            return spec.key
+        return f"{spec.key}/{self.resize}/{self.pooling}/{'+'.join(str(size) for size in self.scales)}"
+
+
+@dataclass(frozen=True)
+class PooledFeatures:
+    """Raw (not normalised) float32 descriptors, one array per pooling, and logits if any."""
+
+    by_pooling: dict[str, np.ndarray]
     logits: np.ndarray | None
 
 
@@ -54,8 +116,9 @@ def resolve_device(name: str) -> torch.device:
 class Extractor:
     """A backbone loaded once, on one device, that embeds batches of PIL images."""
 
-    def __init__(self, spec: BackboneSpec, *, device: str = "auto") -> None:
+    def __init__(self, spec: BackboneSpec, *, device: str = "auto", config: EmbeddingConfig | None = None) -> None:
         self.spec = spec
+        self.config = config
         self.device = resolve_device(device)
         self.model: FeatureModel = spec.load().to(self.device)
         logger.info("loaded backbone %s on %s", spec.key, self.device)
@@ -67,8 +130,11 @@ class Extractor:
             images: upright RGB images of any size.
 
         Returns:
-            `Embeddings` with rows in the order of `images`.
+            `Embeddings` with rows in the order of `images`; with a config, the pooling and
+            scales it names, and logits from the average pooling at the first scale.
         """
+        if self.config is not None:
+            return self._embed_with_config(images, self.config)
         tensors = [to_tensor(self.spec, image) for image in images]
         by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, tensor in enumerate(tensors):
@@ -85,6 +151,50 @@ class Extractor:
                         logits = np.zeros((len(tensors), batch_logits.shape[1]), dtype=np.float32)
                     logits[indices] = batch_logits.float().cpu().numpy()
         return Embeddings(vectors=l2_normalize(features), logits=logits)
+
+
+    def _embed_with_config(self, images: Sequence[Image.Image], config: EmbeddingConfig) -> Embeddings:
+        per_scale = []
+        logits = None
+        for index, size in enumerate(config.scales):
+            pooled = self.pooled(images, size=size, resize=config.resize, with_logits=index == 0)
+            per_scale.append(pooled.by_pooling[config.pooling])
+            logits = pooled.logits if index == 0 else logits
+        return Embeddings(vectors=l2_normalize(combine_scales(per_scale)), logits=logits)
+
+    def pooled(
+        self, images: Sequence[Image.Image], *, size: int, resize: str, with_logits: bool = False
+    ) -> PooledFeatures:
+        """Return every pooling of the feature map, raw, for images resized to one input size.
+
+        Args:
+            images: upright RGB images of any size.
+            size: the input size (short side, or square side for "center_crop").
+            resize: "short_side" or "center_crop".
+            with_logits: also run the classifier on the average-pooled features.
+
+        Returns:
+            One (n, C) float32 array per pooling in `retrieval.pooling.POOLINGS`, rows in input order.
+        """
+        tensors = [to_tensor(self.spec, image, size=size, resize=resize) for image in images]
+        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, tensor in enumerate(tensors):
+            by_shape[tuple(tensor.shape)].append(index)
+        out: dict[str, np.ndarray] = {}
+        logits: np.ndarray | None = None
+        with torch.inference_mode():
+            for indices in by_shape.values():
+                fmap = self.model.feature_map(torch.stack([tensors[i] for i in indices]).to(self.device)).float()
+                for name, pool in POOLINGS.items():
+                    pooled = pool(fmap).cpu().numpy()
+                    out.setdefault(name, np.zeros((len(tensors), pooled.shape[1]), dtype=np.float32))[indices] = pooled
+                if with_logits:
+                    batch_logits = self.model.head(POOLINGS["gap"](fmap))
+                    if batch_logits is not None:
+                        if logits is None:
+                            logits = np.zeros((len(tensors), batch_logits.shape[1]), dtype=np.float32)
+                        logits[indices] = batch_logits.float().cpu().numpy()
+        return PooledFeatures(by_pooling=out, logits=logits)
 
 
 def imagenet_labels(logits: np.ndarray, *, top: int = 5) -> list[list[tuple[str, float]]]:

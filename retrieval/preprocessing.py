@@ -12,6 +12,10 @@ from retrieval.backbones import BackboneSpec
 #: resizing, so a 1x100000 strip cannot become a 224x22 million pixel tensor.
 MAX_ASPECT = 3.0
 
+#: "short_side" resizes the whole image, short side to the input size, keeping the aspect;
+#: "center_crop" first crops the largest centred square, as ImageNet evaluation does.
+RESIZE_MODES = ("short_side", "center_crop")
+
 
 def _crop_to_aspect(image: Image.Image, max_aspect: float) -> Image.Image:
     width, height = image.size
@@ -26,19 +30,29 @@ def _crop_to_aspect(image: Image.Image, max_aspect: float) -> Image.Image:
     return image
 
 
-def resize_for(spec: BackboneSpec, image: Image.Image) -> Image.Image:
-    """Resize (and crop where the spec says) an RGB image to the backbone's input size."""
-    size = spec.input_size
-    image = _crop_to_aspect(image, 1.0 if spec.resize == "center_crop" else MAX_ASPECT)
+def resize_for(
+    spec: BackboneSpec, image: Image.Image, *, size: int | None = None, resize: str | None = None
+) -> Image.Image:
+    """Resize (and crop where the spec says) an RGB image to the backbone's input size.
+
+    `size` and `resize` override the spec's input size and resize mode (multi-scale, centre crop).
+    """
+    size = spec.input_size if size is None else size
+    resize = spec.resize if resize is None else resize
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {resize!r}; expected one of: {', '.join(RESIZE_MODES)}")
+    image = _crop_to_aspect(image, 1.0 if resize == "center_crop" else MAX_ASPECT)
     width, height = image.size
     scale = size / min(width, height)
     new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
     return image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
-def to_tensor(spec: BackboneSpec, image: Image.Image) -> torch.Tensor:
-    """Return the normalised float32 CHW tensor for one RGB image."""
-    resized = resize_for(spec, image)
+def to_tensor(
+    spec: BackboneSpec, image: Image.Image, *, size: int | None = None, resize: str | None = None
+) -> torch.Tensor:
+    """Return the normalised float32 CHW tensor for one RGB image (overrides as in `resize_for`)."""
+    resized = resize_for(spec, image, size=size, resize=resize)
     array = np.asarray(resized, dtype=np.float32) / 255.0
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)

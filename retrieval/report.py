@@ -93,9 +93,11 @@ def plot_results(results: Sequence[ConfigResult], path: Path) -> Path:
     import numpy as np
 
     classes = sorted({c for r in results for c in r.report.per_class_ap})
+    palette = plt.get_cmap("tab10" if len(results) <= 10 else "tab20")
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1, 1.6]})
-    for r in results:
-        curves.plot(RECALL_LEVELS, r.report.pr_curve, marker=".", label=f"{r.name} (mAP {r.report.mean_ap:.3f})")
+    for i, r in enumerate(results):
+        label = f"{r.name} (mAP {r.report.mean_ap:.3f})"
+        curves.plot(RECALL_LEVELS, r.report.pr_curve, marker=".", color=palette(i % palette.N), label=label)
     curves.set(xlabel="recall", ylabel="interpolated precision", title="Precision-recall", xlim=(0, 1), ylim=(0, 1.02))
     curves.grid(alpha=0.3)
     curves.legend(fontsize=7, loc="lower left")
@@ -103,7 +105,7 @@ def plot_results(results: Sequence[ConfigResult], path: Path) -> Path:
     positions = np.arange(len(classes))
     for i, r in enumerate(results):
         values = [r.report.per_class_ap.get(c, 0.0) for c in classes]
-        bars.bar(positions + i * width - 0.4 + width / 2, values, width, label=r.name)
+        bars.bar(positions + i * width - 0.4 + width / 2, values, width, color=palette(i % palette.N), label=r.name)
     bars.set_xticks(positions, classes, rotation=30, ha="right", fontsize=8)
     bars.set(ylabel="average precision", title="AP per class", ylim=(0, 1.02))
     bars.grid(axis="y", alpha=0.3)

@@ -289,7 +289,7 @@ def train_projection(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss)
+            total += float(loss.detach())
         head.eval()
         row = {"epoch": float(epoch), "train_loss": total / steps}
         if monitor is not None:

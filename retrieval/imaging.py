@@ -3,20 +3,44 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
+import pillow_heif
 from PIL import Image, ImageOps
 
 from retrieval.errors import CorruptImage, ImageRejected, ImageTooLarge, UnsupportedFormat
 
-#: Pillow format name -> MIME type, for every format Simili accepts.
+pillow_heif.register_heif_opener()
+
+#: Pillow format name -> MIME type, for every format Simili accepts. MPO is what Pillow calls
+#: a JPEG from a camera that appends a second picture (a depth map, a stereo view).
 ACCEPTED_FORMATS: dict[str, str] = {
     "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
     "PNG": "image/png",
     "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "TIFF": "image/tiff",
+    "HEIF": "image/heif",
 }
-EXTENSIONS: dict[str, str] = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+EXTENSIONS: dict[str, str] = {
+    "JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "TIFF": "tif", "HEIF": "heic",
+}
+Image.init()
+# The JPEG opener also yields MPO images, so MPO has no opener of its own.
+_OPENERS = [name for name in ACCEPTED_FORMATS if name in Image.OPEN]
+#: What people call the formats, for messages.
+FORMAT_NAMES = ("JPEG", "PNG", "WebP", "GIF", "TIFF", "HEIC/HEIF")
+
+# Signatures that make an image a polyglot: a file that is also an archive, a PDF or a web page.
+# A ZIP's end-of-central-directory record sits in its last 64 KiB; PDF readers look for their
+# header in the first KiB; browsers sniff markup near either end.
+_ZIP_END = b"PK\x05\x06"
+_ZIP_TAIL = 65_557
+_MARKUP = (b"<script", b"<html", b"<svg", b"<?php", b"<!doctype", b"<iframe", b"<body")
+_SNIFF_WINDOW = 4096
 
 #: Default pixel budget: 50 MP covers every phone and most DSLR photos, and stops
 #: a 64k x 64k PNG bomb (a few KB on disk, 16 GB decoded) before it is decoded.
@@ -34,18 +58,36 @@ class ImageInfo:
     height: int
 
 
+# Pillow's format plugins raise any of these on malformed input; all mean "not a usable image".
+_DECODE_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError,
+    ZeroDivisionError, OverflowError,
+)
+
+
 def accepted_formats_text() -> str:
     """Return the accepted formats as a sentence fragment for error messages."""
-    return ", ".join(sorted(ACCEPTED_FORMATS))
+    return ", ".join(FORMAT_NAMES)
+
+
+def _reject_polyglot(data: bytes) -> None:
+    if _ZIP_END in data[-_ZIP_TAIL:] or data.startswith(b"PK\x03\x04"):
+        raise UnsupportedFormat("The file is also a ZIP archive; images with hidden archives are not accepted.")
+    if b"%PDF-" in data[:1024]:
+        raise UnsupportedFormat("The file is also a PDF document; it is not accepted as an image.")
+    ends = (data[:_SNIFF_WINDOW] + b" " + data[-_SNIFF_WINDOW:]).lower()
+    if any(marker in ends for marker in _MARKUP):
+        raise UnsupportedFormat("The file contains web markup (HTML, SVG or script); it is not accepted as an image.")
 
 
 def _open(data: bytes, *, max_pixels: int) -> Image.Image:
     if not data:
         raise CorruptImage("The file is empty.", code="empty_file")
+    _reject_polyglot(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+            image = Image.open(io.BytesIO(data), formats=_OPENERS)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"The image has too many pixels: {exc}") from exc
     except Image.DecompressionBombWarning as exc:
@@ -54,7 +96,7 @@ def _open(data: bytes, *, max_pixels: int) -> Image.Image:
         raise UnsupportedFormat(
             f"The file is not an image in an accepted format ({accepted_formats_text()})."
         ) from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+    except _DECODE_ERRORS as exc:
         raise CorruptImage(f"The image could not be read: {exc}") from exc
     width, height = image.size
     if width < 1 or height < 1:
@@ -80,13 +122,15 @@ def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     fmt = image.format or ""
     size = image.size
     try:
-        if fmt == "JPEG":
+        if fmt in ("JPEG", "MPO"):
             # DCT scaling decodes the whole stream (so truncation still raises) at 1/8 the cost.
             image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
         image.load()
     except ImageRejected:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"The image has too many pixels: {exc}") from exc
+    except _DECODE_ERRORS as exc:
         raise CorruptImage(f"The image is truncated or corrupt: {exc}") from exc
     return ImageInfo(
         format=fmt,
@@ -116,21 +160,33 @@ def load_image(
     """
     image = _open(data, max_pixels=max_pixels)
     try:
-        if min_side is not None and image.format == "JPEG":
+        if min_side is not None and image.format in ("JPEG", "MPO"):
             width, height = image.size
             scale = min_side / min(width, height)
             if scale < 1:
                 image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
-        image.load()
+        image.load()  # a GIF, an animated WebP or a multi-page TIFF: its first frame
         image = ImageOps.exif_transpose(image)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            image = _to_8bit(image)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             # Transparent areas become white, as a browser shows them on a white page.
             background = Image.new("RGB", image.size, (255, 255, 255))
             background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
             return background
         return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:
+    except _DECODE_ERRORS as exc:
         raise CorruptImage(f"The image is truncated or corrupt: {exc}") from exc
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Scale a 16-bit or float greyscale image to 8 bits by its own range (Pillow clips instead)."""
+    import numpy as np
+
+    array = np.asarray(image, dtype=np.float32)
+    low, high = float(array.min()), float(array.max())
+    scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+    return Image.fromarray(scaled.clip(0, 255).astype(np.uint8), mode="L")
 
 
 def make_thumbnail(image: Image.Image, *, max_side: int) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,16 +40,44 @@ def django_db_modify_db_settings(embedded_postgres: None) -> None:
     """Make sure the server runs before pytest-django creates the test database."""
 
 
-@pytest.fixture(scope="session", autouse=True)
-def redis_server() -> Iterator[str]:
-    process = embedded.start_redis(settings.EMBEDDED) if settings.EMBEDDED_REDIS else None
-    import redis
+class RedisServer:
+    """The test Redis (embedded unless REDIS_URL is set); fault tests stop and restart it."""
 
-    url = settings.REDIS_URL.replace("redis+socket://", "unix://").replace("?virtual_host=", "?db=")
-    client = redis.Redis.from_url(url)
-    client.flushdb()  # stale messages from an earlier run would name rows that no longer exist
-    yield settings.REDIS_URL
-    embedded.stop_process(process)
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def client(self):
+        import redis
+
+        url = settings.REDIS_URL.replace("redis+socket://", "unix://").replace("?virtual_host=", "?db=")
+        return redis.Redis.from_url(url)
+
+    def start(self) -> None:
+        if settings.EMBEDDED_REDIS:
+            self.process = embedded.start_redis(settings.EMBEDDED) or self.process
+
+    def stop(self) -> None:
+        """Shut the server down as a crash or a restart would (its append-only file stays)."""
+        assert settings.EMBEDDED_REDIS, "only the embedded Redis can be stopped by the tests"
+        import redis
+
+        try:
+            self.client().shutdown(nosave=True)
+        except redis.ConnectionError:
+            pass  # the server closes the connection as it exits
+        if self.process is not None:
+            self.process.wait(timeout=20)
+        while embedded.redis_running(settings.EMBEDDED):
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    server.client().flushdb()  # stale messages from an earlier run would name rows that no longer exist
+    yield server
+    embedded.stop_process(server.process)
 
 
 @pytest.fixture(autouse=True)
@@ -68,38 +97,80 @@ def _worker_database_url() -> str:
     return f"postgresql://{user}{password}@{host}{port}/{db['NAME']}"
 
 
-@pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup: None, django_db_blocker: object) -> Iterator[subprocess.Popen[bytes]]:
-    """A real `celery worker` process on the test database, the test Redis and the test media."""
-    from webapp.celery import app
+class Worker:
+    """A real `celery worker` process on the test database, Redis and media; restartable."""
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = (ARTIFACTS / "celery-worker.log").open("wb")
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": _worker_database_url(),
-        "EMBEDDING_DEVICE": "cpu",
-    }
-    name = f"test-{uuid.uuid4().hex[:8]}@%h"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-P", "solo",
-         "-Q", "interactive,bulk", "--loglevel", "INFO", "-n", name, "--without-gossip", "--without-mingle"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 120
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"celery worker exited with {process.returncode}; see {log.name}")
-        replies = app.control.ping(timeout=1.0)
-        if replies:
-            break
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"celery worker did not answer within 120 s; see {log.name}")
-    yield process
-    embedded.stop_process(process, timeout=20)
-    log.close()
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = ARTIFACTS / "celery-worker.log"
+
+    def start(self, *, wait: bool = True, **env_overrides: str) -> None:
+        from webapp.celery import app
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        log = self.log_path.open("ab")
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "DATABASE_URL": _worker_database_url(),
+            "EMBEDDING_DEVICE": "cpu",
+            **env_overrides,
+        }
+        name = f"test-{uuid.uuid4().hex[:8]}@%h"
+        schedule = ARTIFACTS / f"celerybeat-{uuid.uuid4().hex[:8]}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-P", "solo", "-Q", "interactive,bulk",
+             "--loglevel", "INFO", "-n", name, "--without-gossip", "--without-mingle",
+             "-B", "--schedule", str(schedule)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group, so the embedded beat process goes with it
+        )
+        if not wait:
+            return
+        deadline = time.monotonic() + 120
+        while not any(name.split("@")[0] in key for reply in app.control.ping(timeout=1.0) for key in reply):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"celery worker exited with {self.process.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                self._signal_group(signal.SIGKILL)
+                raise RuntimeError(f"celery worker did not answer within 120 s; see {self.log_path}")
+
+    def kill(self) -> None:
+        """SIGKILL, as the kernel's OOM killer would: no cleanup, no acknowledgement."""
+        assert self.process is not None
+        self._signal_group(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            self.process.wait()
+
+    def _signal_group(self, sig: int) -> None:
+        assert self.process is not None
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup: None, django_db_blocker: object) -> Iterator[Worker]:
+    worker = Worker()
+    try:
+        worker.start()
+        yield worker
+    finally:
+        worker.stop()
 
 
 # --- personas -------------------------------------------------------------------------

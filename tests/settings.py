@@ -6,13 +6,17 @@ seeing the other's data or queue.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import dj_database_url
 
 from webapp.embedded import Layout
 from webapp.settings import *  # noqa: F403
 from webapp.settings import BASE_DIR, CACHES, EMBEDDED_POSTGRES, EMBEDDED_REDIS, _redis_cache_location
 
-TEST_VAR_DIR = BASE_DIR / "var" / "test"
+# SIMILI_TEST_VAR_DIR lets two test runs (two checkouts, two people) use separate servers.
+TEST_VAR_DIR = Path(os.environ.get("SIMILI_TEST_VAR_DIR", str(BASE_DIR / "var" / "test"))).resolve()
 EMBEDDED = Layout(TEST_VAR_DIR)
 
 if EMBEDDED_POSTGRES:

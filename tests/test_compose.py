@@ -19,7 +19,7 @@ def _compose(name: str = "docker-compose.yml") -> dict:
 
 def test_it_has_pgvector_redis_web_and_worker() -> None:
     compose = _compose()
-    assert set(compose["services"]) == {"db", "redis", "web", "worker"}
+    assert set(compose["services"]) == {"db", "redis", "web", "worker", "beat"}
     assert compose["services"]["db"]["image"].startswith("pgvector/pgvector:")
     assert compose["services"]["redis"]["image"].startswith("redis:")
     assert {"pgdata", "media"} <= set(compose["volumes"])
@@ -30,7 +30,7 @@ def test_every_variable_it_sets_is_read_by_settings() -> None:
     settings_source = (ROOT / "webapp" / "settings.py").read_text()
     read = set(re.findall(r'env_\w+\(\s*"([A-Z_]+)"', settings_source))
     read |= set(re.findall(r'os\.environ\.get\("([A-Z_]+)"', settings_source))
-    for name in ("web", "worker"):
+    for name in ("web", "worker", "beat"):
         environment = _compose()["services"][name]["environment"]
         assert set(environment) <= read, set(environment) - read
         assert environment["DATABASE_URL"].startswith("postgresql://")

@@ -87,7 +87,7 @@ def test_the_form_upload_shows_the_reason_on_the_page(owner_client, collection, 
     response = _post(owner_client, collection, files, json=False)
     assert response.status_code == 302
     page = owner_client.get(response["Location"]).content.decode()
-    assert "notes.txt: The file is not an image in an accepted format (JPEG, PNG, WEBP)." in page
+    assert "notes.txt: The file is not an image in an accepted format (JPEG, PNG, WebP, GIF, TIFF, HEIC/HEIF)." in page
     assert "1 image(s) uploaded" in page
     assert collection.images.count() == 1
 

@@ -77,6 +77,9 @@ class Image(models.Model):
         max_length=16, choices=ImageStatus.choices, default=ImageStatus.PENDING
     )
     error = models.TextField(blank=True)
+    # When the embed task was last handed to the broker; NULL while it never was (broker down).
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     processed_at = models.DateTimeField(null=True, blank=True)

@@ -131,7 +131,83 @@ def api_token_touch(*, token: ApiToken) -> None:
 def _enqueue_embed(image_id: int, *, queue: str) -> None:
     from webapp.tasks import embed_image
 
+    # If the broker is down this raises; on_commit(robust=True) logs it, the row stays pending
+    # with enqueued_at NULL, and the reconciler queues it once the broker is back.
     embed_image.apply_async(args=[image_id], queue=queue)
+    Image.objects.filter(pk=image_id).update(enqueued_at=timezone.now())
+
+
+def _enqueue_on_commit(image_id: int, *, queue: str) -> None:
+    def enqueue() -> None:
+        _enqueue_embed(image_id, queue=queue)
+
+    # robust: a broker outage is logged, never turned into a failed upload.
+    transaction.on_commit(enqueue, robust=True)
+
+
+def images_requeue_stale() -> int:
+    """Queue again what PostgreSQL says still needs embedding; return how many were queued.
+
+    That is: pending images never handed to the broker or waiting longer than
+    RECONCILE_PENDING_AFTER, and images "processing" for longer than RECONCILE_PROCESSING_AFTER
+    (their worker died). An image that has used up EMBED_MAX_ATTEMPTS is marked failed instead.
+    """
+    from datetime import timedelta
+
+    from django.db.models import Q
+
+    now = timezone.now()
+    pending_before = now - timedelta(seconds=settings.RECONCILE_PENDING_AFTER)
+    processing_before = now - timedelta(seconds=settings.RECONCILE_PROCESSING_AFTER)
+    stale = Image.objects.filter(
+        Q(status=ImageStatus.PENDING, enqueued_at__isnull=True)
+        | Q(status=ImageStatus.PENDING, enqueued_at__lt=pending_before)
+        | Q(status=ImageStatus.PROCESSING, updated_at__lt=processing_before)
+    )
+    exhausted = stale.filter(attempts__gte=settings.EMBED_MAX_ATTEMPTS)
+    for image_id in exhausted.values_list("pk", flat=True):
+        image_mark_failed(
+            image_id=image_id,
+            error=f"Gave up after {settings.EMBED_MAX_ATTEMPTS} attempts: the worker died each time "
+            "(the image may be too large for its memory).",
+        )
+    queued = 0
+    for image_id in stale.filter(attempts__lt=settings.EMBED_MAX_ATTEMPTS).values_list("pk", flat=True)[:1000]:
+        Image.objects.filter(pk=image_id).update(status=ImageStatus.PENDING)
+        try:
+            _enqueue_embed(image_id, queue=BULK_QUEUE)
+        except Exception as exc:  # noqa: BLE001 - the broker is still down; try on the next round
+            logger.warning("reconciler could not queue image %s: %s", image_id, exc)
+            break
+        queued += 1
+    if queued:
+        logger.info("reconciler queued %s stale image(s) again", queued)
+    return queued
+
+
+def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
+    """Delete stored files that no row references (left by a crash between write and insert)."""
+    import time
+    from pathlib import Path
+
+    root = Path(settings.MEDIA_ROOT)
+    cutoff = time.time() - older_than_seconds
+    removed = 0
+    for kind in ("originals", "thumbnails", "queries"):
+        for path in (root / kind).rglob("*") if (root / kind).exists() else []:
+            if not path.is_file() or path.stat().st_mtime > cutoff:
+                continue
+            relative = str(path.relative_to(root))
+            if kind != "queries" and (
+                Image.objects.filter(file_path=relative).exists()
+                or Image.objects.filter(thumbnail_path=relative).exists()
+            ):
+                continue
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        logger.info("removed %s unreferenced media file(s)", removed)
+    return removed
 
 
 def image_ingest(
@@ -170,9 +246,7 @@ def image_ingest(
                 height=info.height,
                 byte_size=len(data),
             )
-            transaction.on_commit(
-                functools.partial(_enqueue_embed, image.pk, queue=INTERACTIVE_QUEUE), robust=True
-            )
+            _enqueue_on_commit(image.pk, queue=INTERACTIVE_QUEUE)
     except IntegrityError:
         # A concurrent upload of the same content won the race; theirs is the image.
         return IngestResult(Image.objects.get(collection=collection, sha256=sha256), created=False)
@@ -217,11 +291,9 @@ def image_reembed(*, image_ids: list[int]) -> int:
     """Mark images pending and queue them on the bulk queue; return how many were queued."""
     ids = list(Image.objects.filter(pk__in=image_ids).values_list("pk", flat=True))
     with transaction.atomic():
-        Image.objects.filter(pk__in=ids).update(status=ImageStatus.PENDING, error="")
+        Image.objects.filter(pk__in=ids).update(status=ImageStatus.PENDING, error="", attempts=0)
         for image_id in ids:
-            transaction.on_commit(
-                functools.partial(_enqueue_embed, image_id, queue=BULK_QUEUE), robust=True
-            )
+            _enqueue_on_commit(image_id, queue=BULK_QUEUE)
     return len(ids)
 
 
@@ -251,11 +323,16 @@ def embedding_model_ensure(spec: BackboneSpec) -> EmbeddingModel:
 
 def image_embed(*, image_id: int) -> None:
     """Decode an image, store its thumbnail and its embedding, and mark it ready (or failed)."""
+    from django.db.models import F
+
     image = Image.objects.filter(pk=image_id).first()
     if image is None:
         logger.info("image %s is gone; nothing to embed", image_id)
         return
-    Image.objects.filter(pk=image_id).update(status=ImageStatus.PROCESSING)
+    if image.status == ImageStatus.READY and image.embeddings.exists():
+        logger.info("image %s is already embedded; a redelivered task has nothing to do", image_id)
+        return
+    Image.objects.filter(pk=image_id).update(status=ImageStatus.PROCESSING, attempts=F("attempts") + 1)
     try:
         data = storage.media_path(image.file_path).read_bytes()
     except FileNotFoundError:

@@ -138,6 +138,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "webapp.middleware.SecurityHeadersMiddleware",
+    "webapp.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "webapp.urls"
@@ -224,6 +226,14 @@ SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("BEHIND_HTTPS_PROXY", False) else None
+# Pages load scripts, styles and images from this origin only; media views send a stricter one.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
 
 # Uploads and images
 MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 25 * 1024 * 1024, minimum=1)
@@ -279,6 +289,24 @@ CELERY_TASK_DEFAULT_QUEUE = "bulk"
 CELERY_RESULT_EXPIRES = 3600
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# An upload must not hang while the broker is down: try once more, briefly, then leave the
+# image pending for the reconciler.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
+CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2, "socket_timeout": 10}
+CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2}
+
+# The reconciler: PostgreSQL is the source of truth for what needs embedding. Images never
+# handed to the broker, or pending/processing for longer than these, are queued again.
+RECONCILE_INTERVAL = env_float("RECONCILE_INTERVAL", 30.0, minimum=0.5)
+RECONCILE_PENDING_AFTER = env_float("RECONCILE_PENDING_AFTER", 120.0, minimum=0.0)
+RECONCILE_PROCESSING_AFTER = env_float("RECONCILE_PROCESSING_AFTER", 600.0, minimum=1.0)
+# Attempts after which an image that keeps killing workers is marked failed instead.
+EMBED_MAX_ATTEMPTS = env_int("EMBED_MAX_ATTEMPTS", 5, minimum=1)
+CELERY_BEAT_SCHEDULE = {
+    "reconcile": {"task": "simili.reconcile", "schedule": RECONCILE_INTERVAL},
+    "media-gc": {"task": "simili.media_gc", "schedule": 3600.0},
+}
 
 LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", {"DEBUG", "INFO", "WARNING", "ERROR"})
 LOGGING = {

@@ -31,6 +31,7 @@ class EmbedImageTask(Task):  # type: ignore[misc]
     retry_backoff_max=120,
     max_retries=6,
     acks_late=True,
+    ignore_result=True,  # nobody waits on it; status lives on the row
 )
 def embed_image(image_id: int) -> None:
     services.image_embed(image_id=image_id)
@@ -40,3 +41,13 @@ def embed_image(image_id: int) -> None:
 def embed_query(relative_path: str) -> dict[str, object]:
     # Not acked late: a query nobody waits for any more must not be redelivered.
     return services.query_embed(relative_path=relative_path)
+
+
+@shared_task(name="simili.reconcile", ignore_result=True)
+def reconcile() -> int:
+    return services.images_requeue_stale()
+
+
+@shared_task(name="simili.media_gc", ignore_result=True)
+def media_gc() -> int:
+    return services.media_collect_garbage()

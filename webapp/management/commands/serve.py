@@ -48,8 +48,10 @@ class Command(BaseCommand):
             call_command("collectstatic", interactive=False, verbosity=0)
             children.append(
                 subprocess.Popen(
+                    # -B runs the beat scheduler (the reconciler) inside this single worker.
                     [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-P", "solo",
-                     "-Q", "interactive,bulk", "--loglevel", "INFO", "-n", "simili@%h"],
+                     "-Q", "interactive,bulk", "--loglevel", "INFO", "-n", "simili@%h",
+                     "-B", "--schedule", str(settings.VAR_DIR / "celerybeat-schedule")],
                     start_new_session=True,
                 )
             )

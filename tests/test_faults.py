@@ -1,0 +1,105 @@
+"""Fault tests with real processes: a worker killed mid-task, Redis restarted during uploads.
+
+Each ends with every image ready and embedded exactly once, with no manual action.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.urls import reverse
+
+from tests.conftest import near_copy
+from webapp.models import Embedding, Image, ImageStatus
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.worker]
+
+#: The reconciler runs every second in these tests and re-queues work stuck for 3 s.
+FAST_RECONCILE = {
+    "RECONCILE_INTERVAL": "1",
+    "RECONCILE_PENDING_AFTER": "3",
+    "RECONCILE_PROCESSING_AFTER": "3",
+}
+
+
+@pytest.fixture
+def fast_worker(celery_worker_process):
+    """The session's worker, restarted with a fast reconciler; restored afterwards."""
+    celery_worker_process.stop()
+    celery_worker_process.start(**FAST_RECONCILE)
+    yield celery_worker_process
+    celery_worker_process.stop()
+    celery_worker_process.start()
+
+
+def _collection(client) -> str:
+    response = client.post(reverse("collection_create"), {"name": "Faults", "visibility": "public"})
+    return response["Location"].strip("/").split("/")[-1]
+
+
+def _upload(client, key: str, files: dict[str, bytes]):
+    uploads = [SimpleUploadedFile(name, data) for name, data in files.items()]
+    return client.post(reverse("collection_upload", args=[key]), {"files": uploads}, HTTP_ACCEPT="application/json")
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _assert_all_ready_exactly_once(count: int) -> None:
+    images = list(Image.objects.all())
+    assert len(images) == count
+    assert {image.status for image in images} == {ImageStatus.READY}, [(i.pk, i.status, i.error) for i in images]
+    assert Embedding.objects.count() == count
+    for image in images:
+        assert image.embeddings.count() == 1
+
+
+def _photo_set(photos) -> dict[str, bytes]:
+    files = dict(photos)
+    files.update({f"copy-{name}": near_copy(data) for name, data in photos.items()})
+    return files
+
+
+def test_a_worker_killed_mid_task_loses_no_image(fast_worker, owner_client, photos) -> None:
+    files = _photo_set(photos)
+    key = _collection(owner_client)
+    fast_worker.kill()  # no worker while uploading: the queue fills up
+    assert _upload(owner_client, key, files).status_code == 202
+    # Not waiting for a ping: a solo worker busy with the backlog answers none until it is done.
+    fast_worker.start(wait=False, **FAST_RECONCILE)
+    # The first task loads the CNN (seconds): the image sits in "processing" meanwhile.
+    _wait(lambda: Image.objects.filter(status=ImageStatus.PROCESSING).exists(), 60, "a task in progress")
+    fast_worker.kill()
+    in_flight = Image.objects.filter(status=ImageStatus.PROCESSING).count()
+    assert in_flight == 1
+    assert Image.objects.filter(status=ImageStatus.READY).count() < len(files)
+
+    fast_worker.start(wait=False, **FAST_RECONCILE)
+    _wait(lambda: Image.objects.filter(status=ImageStatus.READY).count() == len(files), 120, "all images ready")
+    _assert_all_ready_exactly_once(len(files))
+
+
+def test_uploads_during_a_redis_outage_are_embedded_once_it_returns(
+    fast_worker, redis_server, owner_client, photos
+) -> None:
+    key = _collection(owner_client)
+    redis_server.stop()
+    try:
+        started = time.monotonic()
+        response = _upload(owner_client, key, photos)
+        assert response.status_code == 202
+        assert time.monotonic() - started < 15, "an upload must not hang while the broker is down"
+        assert {r["outcome"] for r in response.json()["results"]} == {"accepted"}
+        assert set(Image.objects.values_list("status", flat=True)) == {ImageStatus.PENDING}
+        assert not Image.objects.filter(enqueued_at__isnull=False).exists()
+        assert owner_client.get(reverse("collection", args=[key])).status_code == 200
+    finally:
+        redis_server.start()
+    _wait(lambda: Image.objects.filter(status=ImageStatus.READY).count() == len(photos), 120, "all images ready")
+    _assert_all_ready_exactly_once(len(photos))

@@ -384,6 +384,18 @@ def images_delete(request: HttpRequest, key: str) -> Any:
     return Status(204, None)
 
 
+@api.post("/images/{key}/reembed", response={202: ImageOut, **ERRORS}, auth=TokenAuth(), tags=["images"],
+          summary="Queue an image for embedding again")
+def images_reembed(request: HttpRequest, key: str) -> Any:
+    """Retry a failed image (or refresh a ready one); it goes back to `pending`."""
+    image = selectors.image_for_viewer(key=key, viewer=request.user)
+    if not selectors.can_manage(request.user, image.collection):
+        raise ApiError(403, "forbidden", "Only the collection's owner or an admin may re-embed its images.")
+    services.image_reembed(image_ids=[image.pk])
+    image.refresh_from_db()
+    return Status(202, image)
+
+
 class SimilarQuery(Schema):
     k: int = 12
     collection: str | None = None

@@ -17,6 +17,7 @@ urlpatterns = [
     path("c/<str:key>/upload/", views.collection_upload, name="collection_upload"),
     path("c/<str:key>/status.json", views.collection_status, name="collection_status"),
     path("i/<str:key>/", views.image_detail, name="image"),
+    path("i/<str:key>/reembed/", views.image_reembed, name="image_reembed"),
     path("media/i/<str:key>/original", views.media_original, name="media_original"),
     path("media/i/<str:key>/thumbnail", views.media_thumbnail, name="media_thumbnail"),
     path("search/", views.search, name="search"),

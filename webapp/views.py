@@ -13,7 +13,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from retrieval.errors import ImageRejected
-from webapp import selectors, services, storage
+from webapp import ratelimit, selectors, services, storage
 from webapp.forms import CollectionForm, SearchForm, SignupForm
 from webapp.models import Collection, Image
 
@@ -73,6 +73,9 @@ def collection_upload(request: HttpRequest, key: str) -> HttpResponse:
         if _wants_json(request):
             return JsonResponse({"code": "forbidden", "message": "Only the owner uploads here."}, status=403)
         raise Http404("No such collection.")
+    wait = ratelimit.retry_after(request, scope="upload", rate=settings.RATE_LIMIT_UPLOAD)
+    if wait is not None:
+        return _too_many_requests(request, wait)
     files = request.FILES.getlist("files")
     if not files:
         if _wants_json(request):
@@ -94,6 +97,17 @@ def collection_upload(request: HttpRequest, key: str) -> HttpResponse:
     if duplicates:
         messages.info(request, f"{duplicates} image(s) were already in this collection.")
     return redirect(collection)
+
+
+def _too_many_requests(request: HttpRequest, wait: int) -> HttpResponse:
+    message = f"Too many requests; try again in {wait} s."
+    response: HttpResponse
+    if _wants_json(request):
+        response = JsonResponse({"code": "rate_limited", "message": message}, status=429)
+    else:
+        response = render(request, "429.html", {"message": message}, status=429)
+    response["Retry-After"] = str(wait)
+    return response
 
 
 def _ingest_one(request: HttpRequest, collection: Collection, upload: object) -> dict[str, object]:
@@ -145,7 +159,19 @@ def collection_status(request: HttpRequest, key: str) -> JsonResponse:
 def image_detail(request: HttpRequest, key: str) -> HttpResponse:
     image = selectors.image_for_viewer(key=key, viewer=request.user)
     similar = selectors.image_similar(image=image, viewer=request.user)
-    return render(request, "image.html", {"image": image, "similar": similar})
+    can_manage = selectors.can_manage(request.user, image.collection)
+    return render(request, "image.html", {"image": image, "similar": similar, "can_manage": can_manage})
+
+
+@login_required
+@require_POST
+def image_reembed(request: HttpRequest, key: str) -> HttpResponse:
+    image = selectors.image_for_viewer(key=key, viewer=request.user)
+    if not selectors.can_manage(request.user, image.collection):
+        raise Http404("No such image.")
+    services.image_reembed(image_ids=[image.pk])
+    messages.success(request, "The image is queued for processing again.")
+    return redirect(image)
 
 
 def _media_response(request: HttpRequest, relative: str, content_type: str) -> FileResponse:
@@ -204,6 +230,10 @@ def search(request: HttpRequest) -> HttpResponse:
     form = SearchForm(request.POST or None, request.FILES or None, collections=collections)
     context: dict[str, object] = {"form": form, "results": None}
     status = 200
+    if request.method == "POST":
+        wait = ratelimit.retry_after(request, scope="search", rate=settings.RATE_LIMIT_SEARCH)
+        if wait is not None:
+            return _too_many_requests(request, wait)
     if request.method == "POST" and form.is_valid():
         chosen = form.cleaned_data.get("collection")
         collection_ids = [form.collections[chosen].pk] if chosen else None

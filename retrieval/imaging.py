@@ -122,6 +122,8 @@ def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     fmt = image.format or ""
     size = image.size
     try:
+        if fmt == "PNG":
+            _verify_png_checksums(data)
         if fmt in ("JPEG", "MPO"):
             # DCT scaling decodes the whole stream (so truncation still raises) at 1/8 the cost.
             image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
@@ -139,6 +141,16 @@ def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
         width=size[0],
         height=size[1],
     )
+
+
+def _verify_png_checksums(data: bytes) -> None:
+    # Pillow skips the CRC of the pixel chunks (IDAT) while decoding, so a damaged PNG can decode
+    # to wrong pixels; libpng, and so browsers and other tools, refuse it.
+    checker = Image.open(io.BytesIO(data), formats=["PNG"])
+    try:
+        checker.verify()
+    except SyntaxError as exc:
+        raise CorruptImage(f"The image is corrupt (a PNG checksum does not match): {exc}") from exc
 
 
 def load_image(

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import TooManyFilesSent
 from django.http import Http404, HttpRequest, HttpResponse
 from django.urls import reverse
 from ninja import Field, File, Form, NinjaAPI, Query, Schema
@@ -85,6 +86,12 @@ def _on_auth_error(request: HttpRequest, exc: AuthenticationError) -> HttpRespon
 @api.exception_handler(Http404)
 def _on_not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
     return _error(request, 404, "not_found", str(exc) or "Not found.")
+
+
+@api.exception_handler(TooManyFilesSent)
+def _on_too_many_files(request: HttpRequest, exc: TooManyFilesSent) -> HttpResponse:
+    # Django's multipart parser stops at DATA_UPLOAD_MAX_NUMBER_FILES, before images_upload runs.
+    return _error(request, 400, "too_many_files", f"At most {settings.MAX_FILES_PER_UPLOAD} files per request.")
 
 
 @api.exception_handler(HttpError)

@@ -6,6 +6,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import TooManyFilesSent
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
@@ -76,7 +77,16 @@ def collection_upload(request: HttpRequest, key: str) -> HttpResponse:
     wait = ratelimit.retry_after(request, scope="upload", rate=settings.RATE_LIMIT_UPLOAD)
     if wait is not None:
         return _too_many_requests(request, wait)
-    files = request.FILES.getlist("files")
+    try:
+        files = request.FILES.getlist("files")
+    except TooManyFilesSent:
+        files = None  # Django's parser stopped at DATA_UPLOAD_MAX_NUMBER_FILES
+    if files is None or len(files) > settings.MAX_FILES_PER_UPLOAD:
+        message = f"Upload at most {settings.MAX_FILES_PER_UPLOAD} files at a time."
+        if _wants_json(request):
+            return JsonResponse({"code": "too_many_files", "message": message}, status=400)
+        messages.error(request, message)
+        return redirect(collection)
     if not files:
         if _wants_json(request):
             return JsonResponse({"code": "no_files", "message": "Choose at least one image."}, status=400)

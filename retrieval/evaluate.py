@@ -25,7 +25,7 @@ from retrieval.features import FeatureCache, FolderFeatures
 from retrieval.folders import LabelledFolder, read_labelled_folder
 from retrieval.projection import fit_pca_whitening, load_projection
 from retrieval.report import ConfigResult, format_markdown, format_table, plot_results, write_json
-from retrieval.reranking import DEFAULT_QE_NEIGHBOURS, augment_database, expand_queries
+from retrieval.reranking import DEFAULT_ALPHA, DEFAULT_QE_NEIGHBOURS, augment_database, expand_queries
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class SearchConfig:
     projection: Path | None = None
     dba: int = 0
     qe: int = 0
+    alpha: float = 0.0
 
     def embedding(self) -> EmbeddingConfig:
         return EmbeddingConfig.for_backbone(
@@ -65,6 +66,8 @@ class SearchConfig:
             parts.append(f"dba={self.dba}")
         if self.qe:
             parts.append(f"qe={self.qe}")
+        if self.alpha:
+            parts.append(f"alpha={self.alpha:g}")
         return ",".join(parts)
 
     def label(self) -> str:
@@ -84,6 +87,8 @@ class SearchConfig:
             parts.append(f"dba{self.dba}")
         if self.qe:
             parts.append(f"qe{self.qe}")
+        if self.alpha:
+            parts.append(f"a{self.alpha:g}")
         return "+".join(parts)
 
 
@@ -114,10 +119,12 @@ def parse_config(text: str) -> SearchConfig:
             config = replace(config, qe=int(value))
         elif key == "dba":
             config = replace(config, dba=int(value))
+        elif key == "alpha":
+            config = replace(config, alpha=float(value))
         else:
             raise ValueError(
                 f"unknown config key {key!r}; expected one of: name, backbone, resize, pool, scales, whiten, "
-                "projection, dba, qe"
+                "projection, dba, qe, alpha"
             )
     config.embedding()  # fail on a bad backbone, resize or pooling before any work
     return config
@@ -139,6 +146,7 @@ def default_configs() -> list[SearchConfig]:
         SearchConfig(whiten="centre", dba=n, qe=n),
         SearchConfig(pooling="gem", scales=MULTI_SCALES, whiten="centre", dba=n, qe=n),
         SearchConfig(scales=MULTI_SCALES, whiten="centre", dba=n, qe=n),
+        SearchConfig(dba=10, qe=10, alpha=DEFAULT_ALPHA),  # the web app's default
     ]
 
 
@@ -173,15 +181,16 @@ def search_vectors(config: SearchConfig, vectors: np.ndarray, *, source_key: str
     return vectors
 
 
-def rank_all_against_all(vectors: np.ndarray, *, qe: int, dba: int = 0) -> np.ndarray:
+def rank_all_against_all(vectors: np.ndarray, *, qe: int, dba: int = 0, alpha: float = 0.0) -> np.ndarray:
     """Rank every vector against all the others: database-side augmentation, then query expansion."""
     itself = np.arange(len(vectors))
     ranking = rank_by_similarity(vectors, vectors, exclude=itself)
     if dba:
-        vectors = augment_database(vectors, ranking, n=dba)
+        vectors = augment_database(vectors, ranking, n=dba, alpha=alpha)
         ranking = rank_by_similarity(vectors, vectors, exclude=itself)
     if qe:
-        ranking = rank_by_similarity(expand_queries(vectors, vectors, ranking, n=qe), vectors, exclude=itself)
+        expanded = expand_queries(vectors, vectors, ranking, n=qe, alpha=alpha)
+        ranking = rank_by_similarity(expanded, vectors, exclude=itself)
     return ranking
 
 
@@ -192,7 +201,7 @@ def run_config(config: SearchConfig, folder: LabelledFolder, features: FolderFea
     embedding = config.embedding()
     source_key = embedding.key(features.spec)
     vectors = search_vectors(config, features.vectors(embedding), source_key=source_key)
-    ranking = rank_all_against_all(vectors, qe=config.qe, dba=config.dba)
+    ranking = rank_all_against_all(vectors, qe=config.qe, dba=config.dba, alpha=config.alpha)
     report = evaluate_ranking(ranking, folder.labels, folder.labels, classes=folder.classes)
     return ConfigResult(
         name=config.label(),

@@ -8,7 +8,6 @@ import factory
 import numpy as np
 from django.contrib.auth import get_user_model
 
-from retrieval.backbones import get_backbone
 from webapp import services
 from webapp.models import Collection, Embedding, EmbeddingModel, Image, ImageStatus, Visibility
 
@@ -47,7 +46,8 @@ class ImageFactory(factory.django.DjangoModelFactory):
 
 def default_version() -> EmbeddingModel:
     """The default backbone's model version, created as the worker would (with its index)."""
-    return services.embedding_model_ensure(get_backbone("efficientnet_lite0"))
+    return services.embedding_model_ensure(key="efficientnet_lite0@imagenet-1", backbone="efficientnet_lite0",
+                                           dimensions=1280)
 
 
 def unit_vector(seed: int, dim: int = 1280) -> np.ndarray:
@@ -55,5 +55,11 @@ def unit_vector(seed: int, dim: int = 1280) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def embed(image: Image, vector: np.ndarray, version: EmbeddingModel | None = None) -> Embedding:
-    return Embedding.objects.create(image=image, model_version=version or default_version(), vector=vector)
+def embed(
+    image: Image, vector: np.ndarray, version: EmbeddingModel | None = None, augmented: np.ndarray | None = None
+) -> Embedding:
+    """Store a vector as the worker would with augmentation off (augmented = vector unless given)."""
+    return Embedding.objects.create(
+        image=image, model_version=version or default_version(), vector=vector,
+        augmented=vector if augmented is None else augmented,
+    )

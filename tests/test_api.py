@@ -201,8 +201,9 @@ def test_a_private_image_is_404_to_others(api, private, outsider_auth) -> None:
 
 
 @pytest.fixture
-def ranked(public, private):
-    """A query image and five public neighbours at known, decreasing similarity."""
+def ranked(public, private, settings):
+    """A query image and five public neighbours at known, decreasing similarity (no re-ranking)."""
+    settings.SIMILAR_QE = 0
     version = default_version()
     query = unit_vector(1)
     other = unit_vector(2)

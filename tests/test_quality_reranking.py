@@ -54,3 +54,16 @@ def test_expansion_pulls_a_query_into_its_cluster() -> None:
     expanded = expand_query(query, database[first], n=4)
     again = rank_by_similarity(expanded[None], database)[0]
     assert set(again[:3].tolist()) == {1, 2, 3}
+
+
+def test_alpha_weighting_lets_unrelated_neighbours_barely_count() -> None:
+    from retrieval.reranking import expand_query
+
+    query = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    close = np.array([0.8, 0.6, 0.0], dtype=np.float32)  # similarity 0.8 -> weight 0.512
+    unrelated = np.array([0.0, 0.0, 1.0], dtype=np.float32)  # similarity 0 -> weight 0
+    expanded = expand_query(query, np.stack([close, unrelated]), n=2, alpha=3.0)
+    expected = query + 0.512 * close
+    np.testing.assert_allclose(expanded, expected / np.linalg.norm(expected), atol=1e-6)
+    plain = expand_query(query, np.stack([close, unrelated]), n=2, alpha=0.0)
+    assert plain[2] > 0.3 and expanded[2] == 0.0

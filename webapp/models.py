@@ -129,7 +129,7 @@ class EmbeddingModel(models.Model):
 
     @property
     def index_name(self) -> str:
-        return f"embedding_hnsw_v{self.pk}"
+        return f"embedding_augmented_hnsw_v{self.pk}"
 
 
 class Embedding(models.Model):
@@ -138,6 +138,9 @@ class Embedding(models.Model):
     # Untyped so that versions of different dimensions share the table; each version gets
     # its own partial HNSW index over `vector::vector(dim)` (see services.embedding_model_ensure).
     vector = VectorField()
+    # The vector searches use: `vector` averaged with its nearest neighbours in its own collection
+    # (database-side augmentation, SIMILAR_DBA); equal to `vector` when that is off.
+    augmented = VectorField()
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -6,11 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404
 
+from retrieval.reranking import expand_query
 from webapp.models import ApiToken, Collection, Embedding, EmbeddingModel, Image, ImageStatus, Visibility
 
 
@@ -124,8 +126,8 @@ def active_model_version() -> EmbeddingModel | None:
 
 
 def image_vector(*, image: Image, version: EmbeddingModel) -> list[float] | None:
-    """Return an image's stored vector for a model version, if it has one."""
-    row = Embedding.objects.filter(image=image, model_version=version).values_list("vector", flat=True).first()
+    """Return the vector an image searches with (its augmented one) for a model version."""
+    row = Embedding.objects.filter(image=image, model_version=version).values_list("augmented", flat=True).first()
     return None if row is None else [float(x) for x in row]
 
 
@@ -137,8 +139,41 @@ def vector_similar(
     k: int,
     collection_ids: Sequence[int] | None = None,
     exclude_image_id: int | None = None,
+    expand: int | None = None,
 ) -> list[SimilarImage]:
-    """Return the k images nearest to `vector` (cosine) among those the viewer may see.
+    """Return the k images nearest to `vector` among those the viewer may see, re-ranked.
+
+    With query expansion (`expand`, default SIMILAR_QE), the query is averaged with its first
+    results' vectors — only ones the viewer may see — and searched again (docs/quality.md).
+    """
+    n = settings.SIMILAR_QE if expand is None else expand
+    query = np.asarray(vector, dtype=np.float32)
+    if n > 0:
+        first = _nearest(vector=query, version=version, viewer=viewer, k=n, collection_ids=collection_ids,
+                         exclude_image_id=exclude_image_id, with_vectors=True)
+        if first:
+            query = expand_query(query, np.stack([vec for _, _, vec in first]), n=n, alpha=settings.SIMILAR_ALPHA)
+    rows = _nearest(vector=query, version=version, viewer=viewer, k=k, collection_ids=collection_ids,
+                    exclude_image_id=exclude_image_id)
+    images = Image.objects.select_related("collection").in_bulk([image_id for image_id, _, _ in rows])
+    return [
+        SimilarImage(image=images[image_id], similarity=1.0 - float(distance))
+        for image_id, distance, _ in rows
+        if image_id in images
+    ]
+
+
+def _nearest(
+    *,
+    vector: np.ndarray,
+    version: EmbeddingModel,
+    viewer: Viewer,
+    k: int,
+    collection_ids: Sequence[int] | None,
+    exclude_image_id: int | None,
+    with_vectors: bool = False,
+) -> list[tuple[int, float, np.ndarray]]:
+    """Return (image id, cosine distance, augmented vector or empty) of the k nearest, in order.
 
     The visibility filter is part of the SQL; HNSW's iterative scan keeps reading the
     graph until k rows pass it, and the outer query restores exact distance order.
@@ -147,8 +182,10 @@ def vector_similar(
     if len(vector) != dim:
         raise ValueError(f"expected a vector of {dim} dimensions, got {len(vector)}")
     literal = "[" + ",".join(repr(float(x)) for x in vector) + "]"
-    where = ["e.model_version_id = %(version)s", "i.status = 'ready'"]
-    params: dict[str, object] = {"version": version.pk, "query": literal, "k": int(k)}
+    # The version id is inlined as the same integer literal as the partial index's WHERE: a bound
+    # parameter arrives as bigint, and PostgreSQL then cannot prove the index's predicate.
+    where = [f"e.model_version_id = {int(version.pk)}", "i.status = 'ready'"]
+    params: dict[str, object] = {"query": literal, "k": int(k)}
     if not _is_admin(viewer):
         if viewer.is_authenticated:
             where.append("(c.visibility = 'public' OR c.owner_id = %(viewer)s)")
@@ -161,18 +198,19 @@ def vector_similar(
     if exclude_image_id is not None:
         where.append("i.id <> %(exclude)s")
         params["exclude"] = exclude_image_id
+    extra = ", e.augmented::text AS augmented" if with_vectors else ""
     sql = f"""
         WITH nearest AS MATERIALIZED (
             SELECT i.id AS image_id,
-                   e.vector::vector({dim}) <=> %(query)s::vector({dim}) AS distance
+                   e.augmented::vector({dim}) <=> %(query)s::vector({dim}) AS distance{extra}
             FROM simili_embedding e
             JOIN simili_image i ON i.id = e.image_id
             JOIN simili_collection c ON c.id = i.collection_id
             WHERE {' AND '.join(where)}
-            ORDER BY e.vector::vector({dim}) <=> %(query)s::vector({dim})
+            ORDER BY e.augmented::vector({dim}) <=> %(query)s::vector({dim})
             LIMIT %(k)s
         )
-        SELECT image_id, distance FROM nearest ORDER BY distance
+        SELECT * FROM nearest ORDER BY distance
     """
     with transaction.atomic(), connection.cursor() as cursor:
         # SET LOCAL lasts until the end of this transaction and touches no other query.
@@ -180,11 +218,10 @@ def vector_similar(
         cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
         cursor.execute(sql, params)
         rows = cursor.fetchall()
-    images = Image.objects.select_related("collection").in_bulk([row[0] for row in rows])
+    empty = np.zeros(0, dtype=np.float32)
     return [
-        SimilarImage(image=images[image_id], similarity=1.0 - float(distance))
-        for image_id, distance in rows
-        if image_id in images
+        (row[0], float(row[1]), np.array(row[2].strip("[]").split(","), dtype=np.float32) if with_vectors else empty)
+        for row in rows
     ]
 
 

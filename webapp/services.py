@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import secrets
 from dataclasses import dataclass
 
+import numpy as np
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from retrieval import imaging
-from retrieval.backbones import BackboneSpec, get_backbone
 from retrieval.errors import ImageRejected
-from retrieval.extraction import Extractor
-from webapp import storage
+from retrieval.reranking import expand_queries, expand_query
+from webapp import pipeline, storage
 from webapp.models import ApiToken, Collection, Embedding, EmbeddingModel, Image, ImageStatus
 
 logger = logging.getLogger(__name__)
@@ -60,16 +59,6 @@ class SearchUnavailable(Exception):
 class IngestResult:
     image: Image
     created: bool
-
-
-@functools.cache
-def get_extractor(backbone: str, device: str) -> Extractor:
-    """Return the process-wide extractor for a backbone: the CNN is loaded once per process."""
-    return Extractor(get_backbone(backbone), device=device)
-
-
-def _default_extractor() -> Extractor:
-    return get_extractor(settings.EMBEDDING_BACKBONE, settings.EMBEDDING_DEVICE)
 
 
 def collection_create(
@@ -275,9 +264,11 @@ def _delete_unreferenced(relative: str) -> None:
 def image_delete(*, image: Image) -> None:
     """Delete an image with its embeddings, and its files unless another row shares them."""
     paths = [image.file_path, image.thumbnail_path]
+    collection_id = image.collection_id
     image.delete()
     for relative in paths:
         _delete_unreferenced(relative)
+    _schedule_augment(collection_id)
 
 
 def image_mark_failed(*, image_id: int, error: str) -> None:
@@ -297,10 +288,10 @@ def image_reembed(*, image_ids: list[int]) -> int:
     return len(ids)
 
 
-def embedding_model_ensure(spec: BackboneSpec) -> EmbeddingModel:
-    """Return the model version row for a backbone, creating it and its HNSW index once."""
+def embedding_model_ensure(*, key: str, backbone: str, dimensions: int) -> EmbeddingModel:
+    """Return the model version row for a recipe key, creating it and its HNSW index once."""
     version, created = EmbeddingModel.objects.get_or_create(
-        key=spec.key, defaults={"backbone": spec.name, "dimensions": spec.embedding_dim}
+        key=key, defaults={"backbone": backbone, "dimensions": dimensions}
     )
     if created:
         with connection.cursor() as cursor:
@@ -308,7 +299,7 @@ def embedding_model_ensure(spec: BackboneSpec) -> EmbeddingModel:
             # repeats the WHERE and the cast is answered by this version's graph alone.
             cursor.execute(
                 f"CREATE INDEX IF NOT EXISTS {version.index_name} ON simili_embedding "
-                f"USING hnsw ((vector::vector({int(spec.embedding_dim)})) vector_cosine_ops) "
+                f"USING hnsw ((augmented::vector({int(version.dimensions)})) vector_cosine_ops) "
                 f"WHERE model_version_id = {int(version.pk)}"
             )
     if not version.is_active and not EmbeddingModel.objects.filter(is_active=True).exists():
@@ -319,6 +310,88 @@ def embedding_model_ensure(spec: BackboneSpec) -> EmbeddingModel:
         except IntegrityError:
             pass  # another worker activated a version first
     return version
+
+
+def _collection_neighbours(*, vector: np.ndarray, version: EmbeddingModel, collection_id: int, exclude: int, n: int):
+    """Return the raw vectors of the `n` images nearest to `vector` in one collection, best first."""
+    dim = int(version.dimensions)
+    literal = "[" + ",".join(repr(float(x)) for x in vector) + "]"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT e.vector::text FROM simili_embedding e JOIN simili_image i ON i.id = e.image_id
+                WHERE e.model_version_id = %s AND i.collection_id = %s AND i.id <> %s
+                ORDER BY e.vector::vector({dim}) <=> %s::vector({dim}) LIMIT %s""",
+            [version.pk, collection_id, exclude, literal, n],
+        )
+        rows = [np.array(row[0].strip("[]").split(","), dtype=np.float32) for row in cursor.fetchall()]
+    return np.stack(rows) if rows else np.zeros((0, dim), dtype=np.float32)
+
+
+def _augment_one(*, vector: np.ndarray, version: EmbeddingModel, collection_id: int, image_id: int) -> np.ndarray:
+    if settings.SIMILAR_DBA == 0:
+        return vector
+    neighbours = _collection_neighbours(
+        vector=vector, version=version, collection_id=collection_id, exclude=image_id, n=settings.SIMILAR_DBA
+    )
+    return expand_query(vector, neighbours, n=settings.SIMILAR_DBA, alpha=settings.SIMILAR_ALPHA)
+
+
+#: Rows whose similarities are computed at once when refreshing a collection: 1024 x 100k
+#: float32 scores is 400 MB, the most we allow one refresh to hold.
+AUGMENT_CHUNK = 1024
+
+
+def collection_augment(*, collection_id: int) -> int:
+    """Recompute every augmented vector of a collection (active version); return how many changed.
+
+    Each image's vector is averaged with its SIMILAR_DBA nearest neighbours in the same
+    collection, never across collections, so a public image's vector never carries a private one.
+    """
+    version = EmbeddingModel.objects.filter(is_active=True).first()
+    if version is None:
+        return 0
+    rows = list(
+        Embedding.objects.filter(model_version=version, image__collection_id=collection_id)
+        .order_by("image_id")
+        .only("id", "image_id", "vector", "augmented")
+    )
+    if not rows:
+        return 0
+    vectors = np.stack([np.asarray(row.vector, dtype=np.float32) for row in rows])
+    n = min(settings.SIMILAR_DBA, len(rows) - 1)
+    augmented = vectors.copy()
+    if n > 0:
+        for start in range(0, len(rows), AUGMENT_CHUNK):
+            chunk = vectors[start:start + AUGMENT_CHUNK]
+            scores = chunk @ vectors.T
+            scores[np.arange(len(chunk)), np.arange(start, start + len(chunk))] = -np.inf  # not itself
+            ranking = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+            augmented[start:start + len(chunk)] = expand_queries(
+                chunk, vectors, ranking, n=n, alpha=settings.SIMILAR_ALPHA
+            )
+    changed = []
+    for row, new in zip(rows, augmented, strict=True):
+        if not np.allclose(np.asarray(row.augmented, dtype=np.float32), new, atol=1e-6):
+            row.augmented = new
+            changed.append(row)
+    Embedding.objects.bulk_update(changed, ["augmented"], batch_size=500)
+    logger.info("refreshed %s augmented vector(s) in collection %s", len(changed), collection_id)
+    return len(changed)
+
+
+def _schedule_augment(collection_id: int) -> None:
+    """Refresh the collection's augmented vectors once uploads settle (one refresh per burst)."""
+    if settings.SIMILAR_DBA == 0:
+        return
+    from django.core.cache import cache
+
+    from webapp.tasks import augment_collection
+
+    try:
+        if cache.add(f"augment-pending:{collection_id}", 1, timeout=int(settings.AUGMENT_DELAY) + 60):
+            augment_collection.apply_async(args=[collection_id], countdown=settings.AUGMENT_DELAY, queue=BULK_QUEUE)
+    except Exception as exc:  # noqa: BLE001 - the next upload or the admin can refresh it
+        logger.warning("could not schedule the refresh of collection %s: %s", collection_id, exc)
 
 
 def image_embed(*, image_id: int) -> None:
@@ -338,11 +411,11 @@ def image_embed(*, image_id: int) -> None:
     except FileNotFoundError:
         image_mark_failed(image_id=image_id, error="The original file is missing from storage.")
         return
-    extractor = _default_extractor()
+    recipe = pipeline.recipe()
     try:
         picture = imaging.load_image(
             data,
-            min_side=max(settings.THUMBNAIL_SIZE, extractor.spec.input_size),
+            min_side=max(settings.THUMBNAIL_SIZE, recipe.min_input_side),
             max_pixels=settings.MAX_IMAGE_PIXELS,
         )
     except ImageRejected as exc:
@@ -350,30 +423,30 @@ def image_embed(*, image_id: int) -> None:
         return
     thumbnail = storage.content_path("thumbnails", image.sha256, "jpg")
     storage.write_atomic(thumbnail, imaging.make_thumbnail(picture, max_side=settings.THUMBNAIL_SIZE))
-    vector = extractor.embed([picture]).vectors[0]
-    version = embedding_model_ensure(extractor.spec)
+    vector = recipe.embed([picture]).vectors[0]
+    version = embedding_model_ensure(key=recipe.key, backbone=recipe.spec.name, dimensions=recipe.dimensions)
+    augmented = _augment_one(vector=vector, version=version, collection_id=image.collection_id, image_id=image_id)
     with transaction.atomic():
         if not Image.objects.select_for_update().filter(pk=image_id).exists():
             _delete_unreferenced(thumbnail)
             return
         Embedding.objects.update_or_create(
-            image_id=image_id, model_version=version, defaults={"vector": vector}
+            image_id=image_id, model_version=version, defaults={"vector": vector, "augmented": augmented}
         )
         Image.objects.filter(pk=image_id).update(
             status=ImageStatus.READY, error="", thumbnail_path=thumbnail, processed_at=timezone.now()
         )
     logger.info("embedded image %s with %s", image_id, version.key)
+    _schedule_augment(image.collection_id)
 
 
 def query_embed(*, relative_path: str) -> dict[str, object]:
     """Embed a stored query image (worker side); return its vector and model version key."""
-    extractor = _default_extractor()
+    recipe = pipeline.recipe()
     data = storage.media_path(relative_path).read_bytes()
-    picture = imaging.load_image(
-        data, min_side=extractor.spec.input_size, max_pixels=settings.MAX_IMAGE_PIXELS
-    )
-    vector = extractor.embed([picture]).vectors[0]
-    return {"model": extractor.spec.key, "vector": [float(x) for x in vector]}
+    picture = imaging.load_image(data, min_side=recipe.min_input_side, max_pixels=settings.MAX_IMAGE_PIXELS)
+    vector = recipe.embed([picture]).vectors[0]
+    return {"model": recipe.key, "vector": [float(x) for x in vector]}
 
 
 def search_vector_for_upload(*, data: bytes) -> tuple[str, list[float]]:

@@ -74,6 +74,18 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+def env_int_list(name: str, default: list[int], *, minimum: int = 0) -> list[int]:
+    """Return the variable as comma-separated integers, each at least `minimum`."""
+    items = env_list(name, [str(value) for value in default])
+    try:
+        values = [int(item) for item in items]
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={','.join(items)!r} must be integers, comma-separated") from None
+    if any(value < minimum for value in values):
+        raise ImproperlyConfigured(f"{name}={values} is out of range; each must be at least {minimum}")
+    return values
+
+
 def env_choice(name: str, default: str, choices: set[str]) -> str:
     """Return the variable if it is one of `choices` (or matches `cuda:N` when "cuda" is one)."""
     value = env_str(name, default)
@@ -247,7 +259,21 @@ THUMBNAIL_SIZE = env_int("THUMBNAIL_SIZE", 400, minimum=32, maximum=2048)
 # Retrieval
 EMBEDDING_BACKBONE = env_str("EMBEDDING_BACKBONE", "efficientnet_lite0")
 EMBEDDING_DEVICE = env_choice("EMBEDDING_DEVICE", "auto", {"auto", "cpu", "cuda"})
+EMBEDDING_RESIZE = env_choice("EMBEDDING_RESIZE", "short_side", {"short_side", "center_crop"})
+EMBEDDING_POOLING = env_choice("EMBEDDING_POOLING", "gap", {"gap", "gem"})
+EMBEDDING_SCALES = env_int_list("EMBEDDING_SCALES", [224], minimum=16)
+EMBEDDING_PROJECTION = env_str("EMBEDDING_PROJECTION", "")  # a .npz from `python -m retrieval.train`
 SIMILAR_K = env_int("SIMILAR_K", 12, minimum=1, maximum=100)
+# Re-ranking (docs/quality.md): each stored vector is averaged with its nearest neighbours in its
+# own collection (database-side augmentation), and each query with its first results (query
+# expansion), each neighbour weighted by similarity ** SIMILAR_ALPHA so that unrelated images
+# barely count in small collections. On Corel-1k 10/10/3 raise mAP from 0.866 to 0.956.
+SIMILAR_DBA = env_int("SIMILAR_DBA", 10, minimum=0, maximum=50)
+SIMILAR_QE = env_int("SIMILAR_QE", 10, minimum=0, maximum=50)
+SIMILAR_ALPHA = env_float("SIMILAR_ALPHA", 3.0, minimum=0.0)
+# Seconds the worker waits after an upload before refreshing its collection's augmented vectors,
+# so a bulk upload costs one refresh, not one per image.
+AUGMENT_DELAY = env_float("AUGMENT_DELAY", 10.0, minimum=0.0)
 # ef_search bounds how many candidates HNSW keeps; 100 gives recall@12 near 0.99 at
 # small scale and costs about 1 ms; the iterative scan goes deeper when filters drop rows.
 HNSW_EF_SEARCH = env_int("HNSW_EF_SEARCH", 100, minimum=1, maximum=1000)

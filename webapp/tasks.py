@@ -51,3 +51,12 @@ def reconcile() -> int:
 @shared_task(name="simili.media_gc", ignore_result=True)
 def media_gc() -> int:
     return services.media_collect_garbage()
+
+
+@shared_task(name="simili.augment_collection", ignore_result=True, autoretry_for=TRANSIENT_ERRORS,
+             retry_backoff=2, max_retries=6)
+def augment_collection(collection_id: int) -> int:
+    from django.core.cache import cache
+
+    cache.delete(f"augment-pending:{collection_id}")  # uploads from now on schedule a new refresh
+    return services.collection_augment(collection_id=collection_id)

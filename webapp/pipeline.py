@@ -1,0 +1,77 @@
+"""The configured embedding recipe: backbone, preprocessing, pooling and optional projection.
+
+One `Recipe` per process (the CNN is loaded once); its `key` names the model version whose
+vectors are comparable, so changing any part of the recipe starts a new version.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+from PIL import Image
+
+from retrieval.backbones import BackboneSpec, get_backbone
+from retrieval.extraction import EmbeddingConfig, Extractor
+from retrieval.projection import Projection, load_projection
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: np.ndarray
+    logits: np.ndarray | None
+
+
+class Recipe:
+    """An extractor with its embedding config and projection, loaded once per process."""
+
+    def __init__(self, spec: BackboneSpec, config: EmbeddingConfig, projection: Projection | None, device: str):
+        self.spec = spec
+        self.config = config
+        self.projection = projection
+        source_key = config.key(spec)
+        if projection is not None and projection.source_key != source_key:
+            raise ValueError(
+                f"EMBEDDING_PROJECTION was fitted on vectors {projection.source_key!r}, "
+                f"but this recipe makes {source_key!r}"
+            )
+        self.key = source_key if projection is None else f"{source_key}+{projection.identifier}"
+        self.dimensions = spec.embedding_dim if projection is None else projection.output_dim
+        native = config == EmbeddingConfig.for_backbone(spec)
+        self.extractor = Extractor(spec, device=device, config=None if native else config)
+
+    @property
+    def min_input_side(self) -> int:
+        return max(self.config.scales)
+
+    def embed(self, images: Sequence[Image.Image]) -> Embedded:
+        """Embed upright RGB images into unit vectors of this recipe's dimension."""
+        result = self.extractor.embed(images)
+        vectors = result.vectors if self.projection is None else self.projection.apply(result.vectors)
+        return Embedded(vectors=vectors, logits=result.logits)
+
+
+@functools.cache
+def _recipe(backbone: str, resize: str, pooling: str, scales: tuple[int, ...], projection: str, device: str) -> Recipe:
+    spec = get_backbone(backbone)
+    config = EmbeddingConfig.for_backbone(
+        spec, resize=resize or None, pooling=pooling, scales=scales or None
+    )
+    loaded = load_projection(Path(projection)) if projection else None
+    return Recipe(spec, config, loaded, device)
+
+
+def recipe() -> Recipe:
+    """Return this process's recipe, as the settings describe it."""
+    return _recipe(
+        settings.EMBEDDING_BACKBONE,
+        settings.EMBEDDING_RESIZE,
+        settings.EMBEDDING_POOLING,
+        tuple(settings.EMBEDDING_SCALES),
+        settings.EMBEDDING_PROJECTION,
+        settings.EMBEDDING_DEVICE,
+    )

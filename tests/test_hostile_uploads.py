@@ -260,11 +260,6 @@ def test_more_files_than_allowed_is_a_clean_json_400(owner_client, collection, s
     assert media_files() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CsrfViewMiddleware parses the body before the view runs, so TooManyFilesSent becomes Django's "
-    "HTML 400; answering JSON there needs a handler400 in webapp/urls.py",
-)
 def test_a_browser_upload_with_too_many_files_gets_a_json_400_past_the_csrf_check(
     owner, collection, settings
 ) -> None:

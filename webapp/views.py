@@ -19,6 +19,19 @@ from webapp.forms import CollectionForm, SearchForm, SignupForm
 from webapp.models import Collection, Image
 
 
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """The 400 handler: also reached when the CSRF check parses an over-limit upload first."""
+    from django.core.exceptions import TooManyFilesSent
+
+    if isinstance(exception, TooManyFilesSent):
+        code, message = "too_many_files", f"Upload at most {settings.MAX_FILES_PER_UPLOAD} files at a time."
+    else:
+        code, message = "bad_request", "The request could not be understood."
+    if request.path.startswith("/api/") or _wants_json(request):
+        return JsonResponse({"code": code, "message": message}, status=400)
+    return HttpResponse(f"<!doctype html><title>Bad request</title><h1>Bad request</h1><p>{message}</p>", status=400)
+
+
 def home(request: HttpRequest) -> HttpResponse:
     collections = selectors.collections_listed_for(request.user).order_by("-created_at")
     return render(request, "home.html", {"collections": collections})

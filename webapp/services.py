@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import secrets
@@ -446,7 +447,8 @@ def query_embed(*, relative_path: str) -> dict[str, object]:
     data = storage.media_path(relative_path).read_bytes()
     picture = imaging.load_image(data, min_side=recipe.min_input_side, max_pixels=settings.MAX_IMAGE_PIXELS)
     vector = recipe.embed([picture]).vectors[0]
-    return {"model": recipe.key, "vector": [float(x) for x in vector]}
+    # Little-endian float32 in base64: exact, and a sixth of the size of a JSON list of floats.
+    return {"model": recipe.key, "vector": base64.b64encode(vector.astype("<f4").tobytes()).decode()}
 
 
 def search_vector_for_upload(*, data: bytes) -> tuple[str, list[float]]:
@@ -472,4 +474,5 @@ def search_vector_for_upload(*, data: bytes) -> tuple[str, list[float]]:
         ) from exc
     finally:
         storage.delete(relative)
-    return str(answer["model"]), list(answer["vector"])
+    vector = np.frombuffer(base64.b64decode(answer["vector"]), dtype="<f4")
+    return str(answer["model"]), [float(x) for x in vector]

@@ -35,6 +35,9 @@ class Collection(models.Model):
         help_text="Origins (one per line, e.g. https://shop.example) whose pages may embed this "
         "collection's similar-images widget and read its API from the browser.",
     )
+    editors = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, through="CollectionEditor", related_name="shared_collections", blank=True
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -49,6 +52,23 @@ class Collection(models.Model):
         from django.urls import reverse
 
         return reverse("collection", args=[self.key])
+
+
+class CollectionEditor(models.Model):
+    """A user the owner shares a collection with: they see it, upload into it and curate its images."""
+
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="editor_links")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="editor_links")
+    added_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["added_at", "id"]
+        constraints = [models.UniqueConstraint(fields=["collection", "user"], name="collection_editor_unique")]
+        # The similarity SQL asks "is the viewer an editor of c?" for every candidate row.
+        indexes = [models.Index(fields=["user", "collection"], name="collection_editor_user")]
+
+    def __str__(self) -> str:
+        return f"{self.user} edits {self.collection}"
 
 
 class ImageStatus(models.TextChoices):
@@ -106,6 +126,22 @@ class Image(models.Model):
     @property
     def is_ready(self) -> bool:
         return self.status == ImageStatus.READY
+
+
+class ImageTag(models.Model):
+    """An ImageNet label the classifier gave an image, with its softmax confidence."""
+
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="tags")
+    label = models.CharField(max_length=100)
+    confidence = models.FloatField()
+
+    class Meta:
+        ordering = ["-confidence", "label"]
+        constraints = [models.UniqueConstraint(fields=["image", "label"], name="image_tag_unique")]
+        indexes = [models.Index(fields=["label"], name="image_tag_label")]
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.confidence:.0%})"
 
 
 class EmbeddingModel(models.Model):

@@ -13,7 +13,17 @@ from django.db.models import Count, Q, QuerySet
 from django.http import Http404
 
 from retrieval.reranking import expand_query
-from webapp.models import ApiToken, Collection, Embedding, EmbeddingModel, Image, ImageStatus, Visibility
+from webapp.models import (
+    ApiToken,
+    Collection,
+    CollectionEditor,
+    Embedding,
+    EmbeddingModel,
+    Image,
+    ImageStatus,
+    ImageTag,
+    Visibility,
+)
 
 
 class Viewer(Protocol):
@@ -47,10 +57,29 @@ def collections_listed_for(viewer: Viewer) -> QuerySet[Collection]:
     )
     if _is_admin(viewer):
         return queryset
-    visible = Q(visibility=Visibility.PUBLIC)
+    return queryset.filter(_listed_q(viewer))
+
+
+def _listed_q(viewer: Viewer, prefix: str = "") -> Q:
+    """Public, owned or shared with the viewer: the rule for listings and similar results."""
+    visible = Q(**{f"{prefix}visibility": Visibility.PUBLIC})
     if viewer.is_authenticated:
-        visible |= Q(owner=viewer)
-    return queryset.filter(visible)
+        # A subquery, not a join: a join on editors would multiply the image counts.
+        shared = CollectionEditor.objects.filter(user_id=viewer.pk).values("collection_id")
+        visible |= Q(**{f"{prefix}owner_id": viewer.pk}) | Q(**{f"{prefix}pk__in": shared})
+    return visible
+
+
+def is_editor(viewer: Viewer, collection: Collection) -> bool:
+    """Whether the owner shared this collection with the viewer as an editor."""
+    if not viewer.is_authenticated:
+        return False
+    return CollectionEditor.objects.filter(collection_id=collection.pk, user_id=viewer.pk).exists()
+
+
+def collection_editors(*, collection: Collection) -> QuerySet[CollectionEditor]:
+    """Return a collection's editors, in the order they were added."""
+    return CollectionEditor.objects.filter(collection=collection).select_related("user")
 
 
 def collections_searchable_by(viewer: Viewer) -> QuerySet[Collection]:
@@ -59,15 +88,20 @@ def collections_searchable_by(viewer: Viewer) -> QuerySet[Collection]:
 
 
 def can_view_collection(viewer: Viewer, collection: Collection) -> bool:
-    """Public and unlisted collections are viewable by link; private ones by owner and admins."""
+    """Public and unlisted collections are viewable by link; private ones by owner, editors and admins."""
     if collection.visibility in (Visibility.PUBLIC, Visibility.UNLISTED):
         return True
-    return _is_admin(viewer) or (viewer.is_authenticated and collection.owner_id == viewer.pk)
+    return can_manage(viewer, collection) or is_editor(viewer, collection)
 
 
 def can_manage(viewer: Viewer, collection: Collection) -> bool:
-    """The owner and admins change a collection's settings, delete it or its images."""
+    """The owner and admins change a collection's settings and editors, or delete it."""
     return _is_admin(viewer) or bool(viewer.is_authenticated and collection.owner_id == viewer.pk)
+
+
+def can_curate(viewer: Viewer, collection: Collection) -> bool:
+    """The owner, editors and admins delete a collection's images or queue them again."""
+    return can_manage(viewer, collection) or is_editor(viewer, collection)
 
 
 def api_token_for(*, token: str) -> ApiToken | None:
@@ -89,8 +123,10 @@ def embed_origins(collection: Collection) -> set[str]:
 
 
 def can_upload(viewer: Viewer, collection: Collection) -> bool:
-    """Only a collection's owner uploads into it."""
-    return bool(viewer.is_authenticated and collection.owner_id == viewer.pk)
+    """A collection's owner and its editors upload into it."""
+    if not viewer.is_authenticated:
+        return False
+    return collection.owner_id == viewer.pk or is_editor(viewer, collection)
 
 
 def collection_for_viewer(*, key: str, viewer: Viewer) -> Collection:
@@ -110,9 +146,96 @@ def image_for_viewer(*, key: str, viewer: Viewer) -> Image:
     return image
 
 
-def collection_images(*, collection: Collection) -> QuerySet[Image]:
-    """Return a collection's images, newest first."""
-    return collection.images.order_by("-created_at", "-id")
+#: Orders a collection page offers, by the value of its `?sort=`.
+IMAGE_SORTS = {"newest": ("-created_at", "-id"), "oldest": ("created_at", "id"), "name": ("original_name", "id")}
+
+
+def collection_images(
+    *, collection: Collection, sort: str = "newest", status: str = "", tag: str = "", q: str = ""
+) -> QuerySet[Image]:
+    """Return a collection's images in a listed order, optionally by status, tag and text."""
+    images = collection.images.order_by(*IMAGE_SORTS.get(sort, IMAGE_SORTS["newest"]))
+    if status in ImageStatus.values:
+        images = images.filter(status=status)
+    if tag:
+        images = images.filter(tags__label=tag)
+    if q.strip():
+        text = q.strip()[:100]
+        tagged = ImageTag.objects.filter(label__icontains=text).values("image_id")
+        images = images.filter(Q(original_name__icontains=text) | Q(pk__in=tagged))
+    return images
+
+
+#: Thumbnails in a collection's cover mosaic on the home page.
+COVER_SIZE = 4
+
+
+def collection_covers(*, collection_ids: Sequence[int]) -> dict[int, list[Image]]:
+    """Return up to COVER_SIZE newest ready images of each collection (one query, a window)."""
+    from django.db.models import F, Window
+    from django.db.models.functions import RowNumber
+
+    rows = (
+        Image.objects.filter(collection_id__in=list(collection_ids), status=ImageStatus.READY)
+        .exclude(thumbnail_path="")
+        .annotate(rank=Window(RowNumber(), partition_by=F("collection_id"), order_by=[F("created_at").desc(),
+                                                                                       F("id").desc()]))
+        .filter(rank__lte=COVER_SIZE)
+        .only("key", "collection_id", "original_name", "thumbnail_path")
+    )
+    covers: dict[int, list[Image]] = {}
+    for image in rows:
+        covers.setdefault(image.collection_id, []).append(image)
+    return covers
+
+
+def collection_tag_counts(*, collection: Collection, limit: int = 24) -> list[tuple[str, int]]:
+    """Return the collection's most used tags with how many images carry each."""
+    rows = (
+        ImageTag.objects.filter(image__collection=collection)
+        .values("label")
+        .annotate(n=Count("image_id"))
+        .order_by("-n", "label")[:limit]
+    )
+    return [(row["label"], row["n"]) for row in rows]
+
+
+def image_tags(*, image: Image) -> list[ImageTag]:
+    """Return an image's auto-tags, most confident first."""
+    return list(image.tags.all())
+
+
+def image_neighbours(*, image: Image) -> tuple[Image | None, Image | None]:
+    """Return the previous (newer) and next (older) image of its collection, in page order."""
+    siblings = Image.objects.filter(collection_id=image.collection_id).only("key", "original_name")
+    newer = siblings.filter(
+        Q(created_at__gt=image.created_at) | Q(created_at=image.created_at, id__gt=image.pk)
+    ).order_by("created_at", "id").first()
+    older = siblings.filter(
+        Q(created_at__lt=image.created_at) | Q(created_at=image.created_at, id__lt=image.pk)
+    ).order_by("-created_at", "-id").first()
+    return newer, older
+
+
+def tag_images(*, label: str, viewer: Viewer) -> QuerySet[Image]:
+    """Return the ready images with a tag among those that may be shown to the viewer as results."""
+    images = Image.objects.filter(tags__label=label, status=ImageStatus.READY).select_related("collection")
+    if not _is_admin(viewer):
+        images = images.filter(_listed_q(viewer, prefix="collection__"))
+    return images.order_by("-created_at", "-id")
+
+
+def images_per_status() -> dict[str, int]:
+    """Return how many images are in each status, every status present."""
+    counts = dict(Image.objects.values_list("status").annotate(n=Count("id")).values_list("status", "n"))
+    return {status: int(counts.get(status, 0)) for status in ImageStatus.values}
+
+
+def images_failed(*, limit: int = 100) -> QuerySet[Image]:
+    """Return the failed images, most recently processed first, with their errors."""
+    return Image.objects.filter(status=ImageStatus.FAILED).select_related("collection").order_by(
+        "-processed_at", "-id"
+    )[:limit]
 
 
 def images_status(*, collection: Collection, keys: Sequence[str]) -> list[Image]:
@@ -188,7 +311,8 @@ def _nearest(
     params: dict[str, object] = {"query": literal, "k": int(k)}
     if not _is_admin(viewer):
         if viewer.is_authenticated:
-            where.append("(c.visibility = 'public' OR c.owner_id = %(viewer)s)")
+            where.append("(c.visibility = 'public' OR c.owner_id = %(viewer)s OR EXISTS (SELECT 1 FROM "
+                         "simili_collectioneditor ed WHERE ed.collection_id = c.id AND ed.user_id = %(viewer)s))")
             params["viewer"] = viewer.pk
         else:
             where.append("c.visibility = 'public'")

@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from webapp import views, widget
+from webapp import admin_pages, views, widget
 from webapp.api import api
 
 urlpatterns = [
@@ -16,15 +16,24 @@ urlpatterns = [
     path("c/<str:key>/", views.collection_detail, name="collection"),
     path("c/<str:key>/upload/", views.collection_upload, name="collection_upload"),
     path("c/<str:key>/status.json", views.collection_status, name="collection_status"),
+    path("c/<str:key>/settings/", views.collection_settings, name="collection_settings"),
+    path("c/<str:key>/delete/", views.collection_delete, name="collection_delete"),
+    path("c/<str:key>/editors/", views.collection_editor_add, name="collection_editor_add"),
+    path("c/<str:key>/editors/<int:user_id>/remove/", views.collection_editor_remove, name="collection_editor_remove"),
     path("i/<str:key>/", views.image_detail, name="image"),
     path("i/<str:key>/reembed/", views.image_reembed, name="image_reembed"),
+    path("i/<str:key>/delete/", views.image_delete, name="image_delete"),
+    path("tags/<path:label>/", views.tag_detail, name="tag"),
     path("media/i/<str:key>/original", views.media_original, name="media_original"),
     path("media/i/<str:key>/thumbnail", views.media_thumbnail, name="media_thumbnail"),
+    path("media/i/<str:key>/thumbnail-small", views.media_thumbnail_small, name="media_thumbnail_small"),
     path("search/", views.search, name="search"),
     path("account/tokens/", views.account_tokens, name="account_tokens"),
     path("account/tokens/<int:token_id>/revoke/", views.account_token_revoke, name="account_token_revoke"),
     path("embed/similar/<str:key>/", widget.embed_similar, name="embed_similar"),
     path("api/v1/", api.urls),
+    path("admin/health/", admin.site.admin_view(admin_pages.health), name="admin_health"),
+    path("admin/import/", admin.site.admin_view(admin_pages.zip_import), name="admin_import"),
     path("admin/", admin.site.urls),
 ]
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import TooManyFilesSent
+from django.core.exceptions import TooManyFilesSent, ValidationError
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
@@ -14,9 +16,12 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from retrieval.errors import ImageRejected
-from webapp import ratelimit, selectors, services, storage
-from webapp.forms import CollectionForm, SearchForm, SignupForm
-from webapp.models import Collection, Image
+from webapp import ratelimit, selectors, services, sharing, storage
+from webapp.forms import CollectionForm, CollectionSettingsForm, EditorAddForm, SearchForm, SignupForm
+from webapp.models import Collection, Image, ImageStatus
+
+#: Width of the small thumbnails a phone's two-column grid loads instead of the full ones.
+SMALL_THUMBNAIL_SIZE = 200
 
 
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
@@ -33,8 +38,10 @@ def bad_request(request: HttpRequest, exception: Exception | None = None) -> Htt
 
 
 def home(request: HttpRequest) -> HttpResponse:
-    collections = selectors.collections_listed_for(request.user).order_by("-created_at")
-    return render(request, "home.html", {"collections": collections})
+    collections = list(selectors.collections_listed_for(request.user).order_by("-created_at"))
+    covers = selectors.collection_covers(collection_ids=[c.pk for c in collections])
+    cards = [(c, covers.get(c.pk, [])) for c in collections]
+    return render(request, "home.html", {"collections": collections, "cards": cards})
 
 
 @require_http_methods(["GET", "POST"])
@@ -61,19 +68,90 @@ def collection_create(request: HttpRequest) -> HttpResponse:
 @require_GET
 def collection_detail(request: HttpRequest, key: str) -> HttpResponse:
     collection = selectors.collection_for_viewer(key=key, viewer=request.user)
-    page = Paginator(selectors.collection_images(collection=collection), settings.PAGE_SIZE).get_page(
-        request.GET.get("page")
-    )
+    sort = request.GET.get("sort", "newest")
+    sort = sort if sort in selectors.IMAGE_SORTS else "newest"
+    status = request.GET.get("status", "")
+    status = status if status in ImageStatus.values else ""
+    tag, q = request.GET.get("tag", "")[:100], request.GET.get("q", "")[:100]
+    images = selectors.collection_images(collection=collection, sort=sort, status=status, tag=tag, q=q)
+    page = Paginator(images, settings.PAGE_SIZE).get_page(request.GET.get("page"))
+    # Pager links keep the filters; only `page` changes.
+    query = {name: value for name, value in (("sort", sort), ("status", status), ("tag", tag), ("q", q)) if value}
+    can_manage = selectors.can_manage(request.user, collection)
     return render(
         request,
         "collection.html",
         {
             "collection": collection,
             "page": page,
+            "filters": {"sort": sort, "status": status, "tag": tag, "q": q},
+            "filter_query": urlencode(query),
+            "sorts": [("newest", "Newest first"), ("oldest", "Oldest first"), ("name", "Name")],
+            "statuses": ImageStatus.choices,
+            "tags": selectors.collection_tag_counts(collection=collection),
             "can_upload": selectors.can_upload(request.user, collection),
+            "can_manage": can_manage,
+            "editors": selectors.collection_editors(collection=collection) if can_manage else [],
+            "editor_form": EditorAddForm() if can_manage else None,
             "max_upload_bytes": settings.MAX_UPLOAD_BYTES,
         },
     )
+
+
+def _managed_collection(request: HttpRequest, key: str) -> Collection:
+    """Return the collection if the viewer owns it (or is an admin); 404 to everyone else."""
+    collection = selectors.collection_for_viewer(key=key, viewer=request.user)
+    if not selectors.can_manage(request.user, collection):
+        raise Http404("No such collection.")
+    return collection
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def collection_settings(request: HttpRequest, key: str) -> HttpResponse:
+    collection = _managed_collection(request, key)
+    form = CollectionSettingsForm(request.POST or None, instance=collection)
+    if request.method == "POST" and form.is_valid():
+        services.collection_update(collection=collection, **form.cleaned_data)
+        messages.success(request, "Collection settings saved.")
+        return redirect(collection)
+    return render(request, "collection_settings.html", {"collection": collection, "form": form})
+
+
+@login_required
+@require_POST
+def collection_delete(request: HttpRequest, key: str) -> HttpResponse:
+    collection = _managed_collection(request, key)
+    name = collection.name
+    services.collection_delete(collection=collection)
+    messages.success(request, f"Collection {name} deleted with its images.")
+    return redirect("home")
+
+
+@login_required
+@require_POST
+def collection_editor_add(request: HttpRequest, key: str) -> HttpResponse:
+    collection = _managed_collection(request, key)
+    form = EditorAddForm(request.POST)
+    if form.is_valid():
+        try:
+            editor = sharing.collection_editor_add(collection=collection, username=form.cleaned_data["username"])
+        except ValidationError as exc:
+            messages.error(request, " ".join(exc.messages))
+        else:
+            messages.success(request, f"{editor.user.get_username()} can now upload to and curate this collection.")
+    else:
+        messages.error(request, "Enter a username.")
+    return redirect(collection)
+
+
+@login_required
+@require_POST
+def collection_editor_remove(request: HttpRequest, key: str, user_id: int) -> HttpResponse:
+    collection = _managed_collection(request, key)
+    if sharing.collection_editor_remove(collection=collection, user_id=user_id):
+        messages.success(request, "Editor removed; the collection is no longer shared with them.")
+    return redirect(collection)
 
 
 def _wants_json(request: HttpRequest) -> bool:
@@ -85,7 +163,9 @@ def collection_upload(request: HttpRequest, key: str) -> HttpResponse:
     collection = selectors.collection_for_viewer(key=key, viewer=request.user)
     if not selectors.can_upload(request.user, collection):
         if _wants_json(request):
-            return JsonResponse({"code": "forbidden", "message": "Only the owner uploads here."}, status=403)
+            return JsonResponse(
+                {"code": "forbidden", "message": "Only the owner and editors upload here."}, status=403
+            )
         raise Http404("No such collection.")
     wait = ratelimit.retry_after(request, scope="upload", rate=settings.RATE_LIMIT_UPLOAD)
     if wait is not None:
@@ -182,19 +262,54 @@ def collection_status(request: HttpRequest, key: str) -> JsonResponse:
 def image_detail(request: HttpRequest, key: str) -> HttpResponse:
     image = selectors.image_for_viewer(key=key, viewer=request.user)
     similar = selectors.image_similar(image=image, viewer=request.user)
-    can_manage = selectors.can_manage(request.user, image.collection)
-    return render(request, "image.html", {"image": image, "similar": similar, "can_manage": can_manage})
+    newer, older = selectors.image_neighbours(image=image)
+    return render(
+        request,
+        "image.html",
+        {
+            "image": image,
+            "similar": similar,
+            "tags": selectors.image_tags(image=image),
+            "previous": newer,
+            "next": older,
+            "uploader": image.uploaded_by.get_username() if image.uploaded_by else "",
+            "can_curate": selectors.can_curate(request.user, image.collection),
+        },
+    )
+
+
+def _curated_image(request: HttpRequest, key: str) -> Image:
+    image = selectors.image_for_viewer(key=key, viewer=request.user)
+    if not selectors.can_curate(request.user, image.collection):
+        raise Http404("No such image.")
+    return image
 
 
 @login_required
 @require_POST
 def image_reembed(request: HttpRequest, key: str) -> HttpResponse:
-    image = selectors.image_for_viewer(key=key, viewer=request.user)
-    if not selectors.can_manage(request.user, image.collection):
-        raise Http404("No such image.")
+    image = _curated_image(request, key)
     services.image_reembed(image_ids=[image.pk])
     messages.success(request, "The image is queued for processing again.")
     return redirect(image)
+
+
+@login_required
+@require_POST
+def image_delete(request: HttpRequest, key: str) -> HttpResponse:
+    image = _curated_image(request, key)
+    collection = image.collection
+    services.image_delete(image=image)
+    messages.success(request, "Image deleted.")
+    return redirect(collection)
+
+
+@require_GET
+def tag_detail(request: HttpRequest, label: str) -> HttpResponse:
+    page = Paginator(selectors.tag_images(label=label, viewer=request.user), settings.PAGE_SIZE).get_page(
+        request.GET.get("page")
+    )
+    return render(request, "tag.html", {"label": label, "page": page})
 
 
 def _media_response(request: HttpRequest, relative: str, content_type: str) -> FileResponse:
@@ -222,6 +337,36 @@ def media_thumbnail(request: HttpRequest, key: str) -> FileResponse:
     if not image.thumbnail_path:
         raise Http404("The thumbnail is not ready yet.")
     return _media_response(request, image.thumbnail_path, "image/jpeg")
+
+
+@require_GET
+def media_thumbnail_small(request: HttpRequest, key: str) -> FileResponse:
+    """A half-size thumbnail, made from the stored one on first request and kept beside it."""
+    image = selectors.image_for_viewer(key=key, viewer=request.user)
+    if not image.thumbnail_path:
+        raise Http404("The thumbnail is not ready yet.")
+    relative = "thumbnails-small/" + image.thumbnail_path.split("/", 1)[1]
+    if not storage.media_path(relative).exists():
+        try:
+            source = storage.media_path(image.thumbnail_path).read_bytes()
+        except (FileNotFoundError, ValueError):
+            raise Http404("No such file.") from None
+        storage.write_atomic(relative, _shrink_jpeg(source, SMALL_THUMBNAIL_SIZE))
+    return _media_response(request, relative, "image/jpeg")
+
+
+def _shrink_jpeg(data: bytes, size: int) -> bytes:
+    import io
+
+    from PIL import Image as PILImage
+
+    with PILImage.open(io.BytesIO(data)) as picture:
+        picture.draft("RGB", (size, size))  # JPEG decodes at a reduced scale: cheaper than a full decode
+        small = picture.convert("RGB")
+        small.thumbnail((size, size), PILImage.Resampling.LANCZOS)
+        out = io.BytesIO()
+        small.save(out, format="JPEG", quality=82, optimize=True)
+    return out.getvalue()
 
 
 @login_required

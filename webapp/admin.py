@@ -1,44 +1,138 @@
 from __future__ import annotations
 
 from django.contrib import admin, messages
-from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
 from django.urls import reverse
 from django.utils.html import format_html
 
-from webapp import services
-from webapp.models import ApiToken, Collection, EmbeddingModel, Image
+from webapp import curation, services
+from webapp.forms import MoveImagesForm
+from webapp.models import ApiToken, Collection, CollectionEditor, EmbeddingModel, Image, ImageStatus
+
+
+def _thumbnail_html(key: str, height: int = 48) -> str:
+    return format_html(
+        '<img src="{}" alt="" loading="lazy" style="height:{}px;width:{}px;object-fit:cover;border-radius:4px">',
+        reverse("media_thumbnail", args=[key]), height, height,
+    )
+
+
+class CollectionEditorInline(admin.TabularInline):  # type: ignore[type-arg]
+    model = CollectionEditor
+    extra = 0
+    autocomplete_fields = ("user",)
+    readonly_fields = ("added_at",)
 
 
 @admin.register(Collection)
 class CollectionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ("name", "owner", "visibility", "created_at")
+    list_display = ("cover", "name", "owner", "visibility", "images", "ready", "failed", "editor_count", "created_at")
+    list_display_links = ("name",)
     fields = ("key", "owner", "name", "description", "visibility", "embed_origins", "created_at", "updated_at")
-    list_filter = ("visibility",)
-    search_fields = ("name", "owner__username")
+    list_filter = ("visibility", "created_at")
+    search_fields = ("name", "owner__username", "key")
     readonly_fields = ("key", "created_at", "updated_at")
+    inlines = (CollectionEditorInline,)
+    list_select_related = ("owner",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Collection]:
+        return super().get_queryset(request).annotate(
+            image_total=Count("images", distinct=True),
+            ready_total=Count("images", filter=Q(images__status=ImageStatus.READY), distinct=True),
+            failed_total=Count("images", filter=Q(images__status=ImageStatus.FAILED), distinct=True),
+            editor_total=Count("editor_links", distinct=True),
+            cover_key=Subquery(
+                Image.objects.filter(collection=OuterRef("pk"), status=ImageStatus.READY)
+                .exclude(thumbnail_path="").order_by("-created_at", "-id").values("key")[:1]
+            ),
+        )
+
+    @admin.display(description="Cover")
+    def cover(self, obj: Collection) -> str:
+        key = getattr(obj, "cover_key", None)
+        return _thumbnail_html(key, 40) if key else "—"
+
+    @admin.display(description="Images", ordering="image_total")
+    def images(self, obj: Collection) -> int:
+        return obj.image_total  # type: ignore[attr-defined]
+
+    @admin.display(description="Ready", ordering="ready_total")
+    def ready(self, obj: Collection) -> int:
+        return obj.ready_total  # type: ignore[attr-defined]
+
+    @admin.display(description="Failed", ordering="failed_total")
+    def failed(self, obj: Collection) -> int:
+        return obj.failed_total  # type: ignore[attr-defined]
+
+    @admin.display(description="Editors", ordering="editor_total")
+    def editor_count(self, obj: Collection) -> int:
+        return obj.editor_total  # type: ignore[attr-defined]
+
+    def delete_model(self, request: HttpRequest, obj: Collection) -> None:
+        services.collection_delete(collection=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Collection]) -> None:
+        for collection in queryset:
+            services.collection_delete(collection=collection)
 
 
 @admin.register(Image)
 class ImageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ("thumbnail", "__str__", "collection", "status", "error_excerpt", "created_at")
-    list_filter = ("status", "collection__visibility")
-    search_fields = ("original_name", "key", "sha256", "collection__name")
+    list_display = ("thumbnail", "__str__", "collection", "status", "error_excerpt", "model_versions", "tag_list",
+                    "created_at")
+    list_filter = ("status", "collection__visibility", "embeddings__model_version", "mime_type")
+    search_fields = ("original_name", "key", "sha256", "collection__name", "tags__label", "error")
     readonly_fields = (
         "key", "sha256", "file_path", "thumbnail_path", "mime_type", "width", "height",
         "byte_size", "created_at", "updated_at", "processed_at", "thumbnail",
     )
-    actions = ("reembed",)
+    actions = ("reembed", "move")
     list_select_related = ("collection",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Image]:
+        return super().get_queryset(request).prefetch_related("embeddings__model_version", "tags")
 
     @admin.display(description="Thumbnail")
     def thumbnail(self, obj: Image) -> str:
         if not obj.thumbnail_path:
             return "—"
-        return format_html(
-            '<img src="{}" alt="" style="height:48px;border-radius:4px">',
-            reverse("media_thumbnail", args=[obj.key]),
-        )
+        return _thumbnail_html(obj.key)
+
+    @admin.display(description="Model version")
+    def model_versions(self, obj: Image) -> str:
+        return ", ".join(e.model_version.key for e in obj.embeddings.all()) or "—"
+
+    @admin.display(description="Tags")
+    def tag_list(self, obj: Image) -> str:
+        return ", ".join(tag.label for tag in obj.tags.all()) or "—"
+
+    @admin.action(description="Move selected images to another collection…")
+    def move(self, request: HttpRequest, queryset: QuerySet[Image]) -> HttpResponse | None:
+        form = MoveImagesForm(request.POST if "apply" in request.POST else None)
+        if "apply" in request.POST and form.is_valid():
+            target = form.cleaned_data["target"]
+            summary = curation.images_move(image_ids=list(queryset.values_list("pk", flat=True)), target=target)
+            self.message_user(request, f"{len(summary.moved)} image(s) moved to {target}.", messages.SUCCESS)
+            if summary.duplicates:
+                names = ", ".join(str(image) for image in summary.duplicates[:20])
+                self.message_user(
+                    request,
+                    f"{len(summary.duplicates)} image(s) skipped: {target} already holds the same file ({names}).",
+                    messages.WARNING,
+                )
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Move images to another collection",
+            "images": queryset.select_related("collection"),
+            "form": form,
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
+            "opts": self.model._meta,
+        }
+        return render(request, "admin/simili_move.html", context)
 
     @admin.display(description="Error")
     def error_excerpt(self, obj: Image) -> str:

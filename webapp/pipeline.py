@@ -45,6 +45,11 @@ class Recipe:
         self.extractor = Extractor(spec, device=device, config=None if native else config)
 
     @property
+    def single_native_scale(self) -> bool:
+        """Whether images can be resized for the CNN ahead of time (one scale, the spec's recipe)."""
+        return self.config == EmbeddingConfig.for_backbone(self.spec)
+
+    @property
     def min_input_side(self) -> int:
         return max(self.config.scales)
 

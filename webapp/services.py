@@ -88,8 +88,8 @@ def collection_delete(*, collection: Collection) -> None:
     paths = list(collection.images.values_list("file_path", "thumbnail_path"))
     collection.delete()
     for original, thumbnail in paths:
-        _delete_unreferenced(original)
-        _delete_unreferenced(thumbnail)
+        delete_unreferenced(original)
+        delete_unreferenced(thumbnail)
 
 
 def api_token_create(*, user: AbstractBaseUser, name: str) -> tuple[ApiToken, str]:
@@ -161,18 +161,19 @@ def images_requeue_stale() -> int:
             error=f"Gave up after {settings.EMBED_MAX_ATTEMPTS} attempts: the worker died each time "
             "(the image may be too large for its memory).",
         )
-    queued = 0
-    for image_id in stale.filter(attempts__lt=settings.EMBED_MAX_ATTEMPTS).values_list("pk", flat=True)[:1000]:
-        Image.objects.filter(pk=image_id).update(status=ImageStatus.PENDING)
-        try:
-            _enqueue_embed(image_id, queue=BULK_QUEUE)
-        except Exception as exc:  # noqa: BLE001 - the broker is still down; try on the next round
-            logger.warning("reconciler could not queue image %s: %s", image_id, exc)
-            break
-        queued += 1
-    if queued:
-        logger.info("reconciler queued %s stale image(s) again", queued)
-    return queued
+    retry = list(stale.filter(attempts__lt=settings.EMBED_MAX_ATTEMPTS).values_list("pk", flat=True)[:10_000])
+    if not retry:
+        return 0
+    # Pending again, and stamped: batch tasks claim any pending image, so one task per batch.
+    Image.objects.filter(pk__in=retry).update(status=ImageStatus.PENDING, enqueued_at=now)
+    try:
+        enqueue_bulk_batches(count=len(retry))
+    except Exception as exc:  # noqa: BLE001 - the broker is still down; try on the next round
+        logger.warning("reconciler could not queue %s stale image(s): %s", len(retry), exc)
+        Image.objects.filter(pk__in=retry).update(enqueued_at=None)
+        return 0
+    logger.info("reconciler queued %s stale image(s) again", len(retry))
+    return len(retry)
 
 
 def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
@@ -206,11 +207,13 @@ def image_ingest(
     uploaded_by: AbstractBaseUser | AnonymousUser | None,
     data: bytes,
     name: str = "",
+    queue: str | None = INTERACTIVE_QUEUE,
 ) -> IngestResult:
     """Validate and store an uploaded image, then queue its embedding once committed.
 
     Raises `ImageRejected` (nothing stored) when the bytes are not an acceptable image.
-    The same content uploaded twice into one collection returns the existing image.
+    The same content uploaded twice into one collection returns the existing image. With
+    `queue=None` nothing is queued: a bulk import queues batch tasks for its rows itself.
     """
     upload_check_size(size=len(data))
     info = imaging.inspect_image(data, max_pixels=settings.MAX_IMAGE_PIXELS)
@@ -236,12 +239,13 @@ def image_ingest(
                 height=info.height,
                 byte_size=len(data),
             )
-            _enqueue_on_commit(image.pk, queue=INTERACTIVE_QUEUE)
+            if queue is not None:
+                _enqueue_on_commit(image.pk, queue=queue)
     except IntegrityError:
         # A concurrent upload of the same content won the race; theirs is the image.
         return IngestResult(Image.objects.get(collection=collection, sha256=sha256), created=False)
     except BaseException:
-        _delete_unreferenced(relative)
+        delete_unreferenced(relative)
         raise
     return IngestResult(image, created=True)
 
@@ -252,7 +256,8 @@ def _display_name(name: str) -> str:
     return "".join(ch for ch in base if ch.isprintable())[:255]
 
 
-def _delete_unreferenced(relative: str) -> None:
+def delete_unreferenced(relative: str) -> None:
+    """Delete a stored file unless an image row still uses it."""
     if not relative:
         return
     if Image.objects.filter(file_path=relative).exists():
@@ -268,8 +273,8 @@ def image_delete(*, image: Image) -> None:
     collection_id = image.collection_id
     image.delete()
     for relative in paths:
-        _delete_unreferenced(relative)
-    _schedule_augment(collection_id)
+        delete_unreferenced(relative)
+    schedule_augment(collection_id)
 
 
 def image_mark_failed(*, image_id: int, error: str) -> None:
@@ -328,7 +333,7 @@ def _collection_neighbours(*, vector: np.ndarray, version: EmbeddingModel, colle
     return np.stack(rows) if rows else np.zeros((0, dim), dtype=np.float32)
 
 
-def _augment_one(*, vector: np.ndarray, version: EmbeddingModel, collection_id: int, image_id: int) -> np.ndarray:
+def augment_one(*, vector: np.ndarray, version: EmbeddingModel, collection_id: int, image_id: int) -> np.ndarray:
     if settings.SIMILAR_DBA == 0:
         return vector
     neighbours = _collection_neighbours(
@@ -380,7 +385,7 @@ def collection_augment(*, collection_id: int) -> int:
     return len(changed)
 
 
-def _schedule_augment(collection_id: int) -> None:
+def schedule_augment(collection_id: int) -> None:
     """Refresh the collection's augmented vectors once uploads settle (one refresh per burst)."""
     if settings.SIMILAR_DBA == 0:
         return
@@ -396,49 +401,36 @@ def _schedule_augment(collection_id: int) -> None:
 
 
 def image_embed(*, image_id: int) -> None:
-    """Decode an image, store its thumbnail and its embedding, and mark it ready (or failed)."""
-    from django.db.models import F
+    """Embed one image now (the interactive lane): claim it, decode, embed, store, mark ready."""
+    from webapp import ingest
 
-    image = Image.objects.filter(pk=image_id).first()
-    if image is None:
-        logger.info("image %s is gone; nothing to embed", image_id)
+    jobs = ingest.images_claim(ids=[image_id])
+    if not jobs:
+        logger.info("image %s is not pending (gone, done, or claimed by another worker)", image_id)
         return
-    if image.status == ImageStatus.READY and image.embeddings.exists():
-        logger.info("image %s is already embedded; a redelivered task has nothing to do", image_id)
-        return
-    Image.objects.filter(pk=image_id).update(status=ImageStatus.PROCESSING, attempts=F("attempts") + 1)
-    try:
-        data = storage.media_path(image.file_path).read_bytes()
-    except FileNotFoundError:
-        image_mark_failed(image_id=image_id, error="The original file is missing from storage.")
-        return
-    recipe = pipeline.recipe()
-    try:
-        picture = imaging.load_image(
-            data,
-            min_side=max(settings.THUMBNAIL_SIZE, recipe.min_input_side),
-            max_pixels=settings.MAX_IMAGE_PIXELS,
-        )
-    except ImageRejected as exc:
-        image_mark_failed(image_id=image_id, error=str(exc))
-        return
-    thumbnail = storage.content_path("thumbnails", image.sha256, "jpg")
-    storage.write_atomic(thumbnail, imaging.make_thumbnail(picture, max_side=settings.THUMBNAIL_SIZE))
-    vector = recipe.embed([picture]).vectors[0]
-    version = embedding_model_ensure(key=recipe.key, backbone=recipe.spec.name, dimensions=recipe.dimensions)
-    augmented = _augment_one(vector=vector, version=version, collection_id=image.collection_id, image_id=image_id)
-    with transaction.atomic():
-        if not Image.objects.select_for_update().filter(pk=image_id).exists():
-            _delete_unreferenced(thumbnail)
-            return
-        Embedding.objects.update_or_create(
-            image_id=image_id, model_version=version, defaults={"vector": vector, "augmented": augmented}
-        )
-        Image.objects.filter(pk=image_id).update(
-            status=ImageStatus.READY, error="", thumbnail_path=thumbnail, processed_at=timezone.now()
-        )
-    logger.info("embedded image %s with %s", image_id, version.key)
-    _schedule_augment(image.collection_id)
+    ingest.embed_claimed(jobs, augment_each=True)
+
+
+def images_embed_pending() -> int:
+    """Embed pending images in batches (the bulk lane); see `webapp.ingest.embed_pending`."""
+    from webapp import ingest
+
+    return ingest.embed_pending()
+
+
+def enqueue_bulk_batches(*, count: int) -> int:
+    """Queue enough batch tasks for `count` pending images; return how many were queued."""
+    from webapp.tasks import embed_pending
+
+    tasks = min(MAX_BATCH_TASKS, -(-count // settings.EMBED_BATCH_SIZE))
+    for _ in range(tasks):
+        embed_pending.apply_async(queue=BULK_QUEUE)
+    return tasks
+
+
+#: Batch tasks queued at once: each keeps claiming batches until nothing is pending, so a few
+#: are enough to keep every bulk worker busy.
+MAX_BATCH_TASKS = 8
 
 
 def query_embed(*, relative_path: str) -> dict[str, object]:

@@ -264,6 +264,11 @@ EMBEDDING_POOLING = env_choice("EMBEDDING_POOLING", "gap", {"gap", "gem"})
 EMBEDDING_SCALES = env_int_list("EMBEDDING_SCALES", [224], minimum=16)
 EMBEDDING_PROJECTION = env_str("EMBEDDING_PROJECTION", "")  # a .npz from `python -m retrieval.train`
 SIMILAR_K = env_int("SIMILAR_K", 12, minimum=1, maximum=100)
+# Bulk embedding: images claimed per batch, threads decoding the next batch during inference,
+# and how long one task keeps claiming batches before handing over (docs/benchmarks.md).
+EMBED_BATCH_SIZE = env_int("EMBED_BATCH_SIZE", 32, minimum=1, maximum=1024)
+DECODE_THREADS = env_int("DECODE_THREADS", 2, minimum=1, maximum=64)
+EMBED_TIME_BUDGET = env_float("EMBED_TIME_BUDGET", 60.0, minimum=1.0)
 # Re-ranking (docs/quality.md): each stored vector is averaged with its nearest neighbours in its
 # own collection (database-side augmentation), and each query with its first results (query
 # expansion), each neighbour weighted by similarity ** SIMILAR_ALPHA so that unrelated images

@@ -37,6 +37,13 @@ def embed_image(image_id: int) -> None:
     services.image_embed(image_id=image_id)
 
 
+@shared_task(name="simili.embed_pending", ignore_result=True, acks_late=True, autoretry_for=TRANSIENT_ERRORS,
+             retry_backoff=2, max_retries=6)
+def embed_pending() -> int:
+    # Claimed rows of a killed worker stay "processing"; the reconciler hands them back.
+    return services.images_embed_pending()
+
+
 @shared_task(name="simili.embed_query", acks_late=False, ignore_result=False)
 def embed_query(relative_path: str) -> dict[str, object]:
     # Not acked late: a query nobody waits for any more must not be redelivered.

@@ -46,15 +46,14 @@ class Command(BaseCommand):
                 redis_process = embedded.start_redis(settings.EMBEDDED)
             call_command("migrate", interactive=False, verbosity=1)
             call_command("collectstatic", interactive=False, verbosity=0)
-            children.append(
-                subprocess.Popen(
-                    # -B runs the beat scheduler (the reconciler) inside this single worker.
-                    [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-P", "solo",
-                     "-Q", "interactive,bulk", "--loglevel", "INFO", "-n", "simili@%h",
-                     "-B", "--schedule", str(settings.VAR_DIR / "celerybeat-schedule")],
-                    start_new_session=True,
-                )
-            )
+            # Two lanes: a user's upload or search never waits behind a bulk import's backlog.
+            # -B runs the beat scheduler (the reconciler) inside the bulk worker.
+            celery = [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-P", "solo", "--loglevel", "INFO"]
+            children.append(subprocess.Popen([*celery, "-Q", "interactive", "-n", "interactive@%h"],
+                                             start_new_session=True))
+            schedule = str(settings.VAR_DIR / "celerybeat-schedule")
+            children.append(subprocess.Popen([*celery, "-Q", "bulk", "-n", "bulk@%h", "-B", "--schedule", schedule],
+                                             start_new_session=True))
             children.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "gunicorn", "webapp.wsgi",

@@ -1,0 +1,90 @@
+"""Bulk import from a folder tree: batched embedding on the bulk lane, resumable, duplicates skipped."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+
+from tests.conftest import near_copy
+from tests.factories import CollectionFactory, ImageFactory
+from webapp import ingest
+from webapp.models import Collection, Embedding, Image, ImageStatus
+
+
+@pytest.fixture
+def tree(tmp_path: Path, photos) -> Path:
+    for name, data in photos.items():
+        folder = tmp_path / ("animals" if name.startswith(("chelsea", "motorcycle")) else "things")
+        folder.mkdir(exist_ok=True)
+        (folder / name).write_bytes(data)
+        (folder / f"copy-{name}.jpg").write_bytes(near_copy(data))
+    (tmp_path / "things" / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def _wait_all_settled(timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while Image.objects.exclude(status__in=[ImageStatus.READY, ImageStatus.FAILED]).exists():
+        assert time.monotonic() < deadline, list(Image.objects.values_list("status", flat=True))
+        time.sleep(0.3)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.worker
+def test_a_folder_tree_becomes_collections_embedded_in_batches(celery_worker_process, owner, tree) -> None:
+    out = io.StringIO()
+    call_command("import_folder", str(tree), "--owner", owner.username, "--visibility", "public",
+                 "--no-progress", stdout=out)
+    assert "10 accepted, 0 duplicate(s), 1 rejected, into 2 collection(s)" in out.getvalue()
+    assert "notes.txt" in out.getvalue()
+    assert set(Collection.objects.values_list("name", flat=True)) == {"animals", "things"}
+    _wait_all_settled()
+    assert set(Image.objects.values_list("status", flat=True)) == {ImageStatus.READY}
+    assert Embedding.objects.count() == 10
+
+    # Running it again (after an interruption, say) adds nothing and embeds nothing twice.
+    again = io.StringIO()
+    call_command("import_folder", str(tree), "--owner", owner.username, "--no-progress", stdout=again)
+    assert "0 accepted, 10 duplicate(s), 1 rejected" in again.getvalue()
+    assert Image.objects.count() == 10 and Embedding.objects.count() == 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_claims_never_take_the_same_image(owner) -> None:
+    collection = CollectionFactory(owner=owner)
+    ids = {ImageFactory(collection=collection, status=ImageStatus.PENDING).pk for _ in range(40)}
+    claimed: list[list[int]] = []
+    barrier = threading.Barrier(4)
+
+    def claim() -> None:
+        try:
+            barrier.wait()
+            claimed.append([job.image_id for job in ingest.images_claim(limit=15)])
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    flat = [image_id for batch in claimed for image_id in batch]
+    assert len(flat) == len(set(flat)) == 40
+    assert set(flat) == ids
+    assert set(Image.objects.values_list("status", flat=True)) == {ImageStatus.PROCESSING}
+    assert ingest.images_claim(limit=15) == []
+
+
+@pytest.mark.django_db
+def test_a_claimed_image_is_not_claimed_again_by_its_own_task(owner) -> None:
+    image = ImageFactory(collection=CollectionFactory(owner=owner), status=ImageStatus.PENDING)
+    assert [job.image_id for job in ingest.images_claim(ids=[image.pk])] == [image.pk]
+    assert ingest.images_claim(ids=[image.pk]) == []
+    image.refresh_from_db()
+    assert (image.status, image.attempts) == (ImageStatus.PROCESSING, 1)

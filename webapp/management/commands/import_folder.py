@@ -1,0 +1,108 @@
+"""Bulk import a folder tree: one collection per sub-folder, or everything into one collection.
+
+Resumable: files already in their collection (same content hash) are skipped, so running the
+command again after an interruption picks up where it stopped. Images are embedded by the bulk
+workers in batches; `--wait` shows their progress too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from tqdm import tqdm
+
+from retrieval.errors import ImageRejected
+from webapp import services
+from webapp.models import Collection, Image, ImageStatus, Visibility
+
+#: Files read and ingested before a batch task is queued for them, so workers start early.
+QUEUE_EVERY = 64
+
+
+class Command(BaseCommand):
+    help = "Import images from a folder tree into collections (one per sub-folder, or --collection)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("folder", type=Path)
+        parser.add_argument("--owner", required=True, help="username that will own new collections")
+        parser.add_argument("--collection", help="key of an existing collection to import everything into")
+        parser.add_argument("--visibility", choices=list(Visibility.values), default="private")
+        parser.add_argument("--wait", action="store_true", help="wait until the workers have embedded everything")
+        parser.add_argument("--no-progress", action="store_true")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        folder: Path = options["folder"]
+        if not folder.is_dir():
+            raise CommandError(f"{folder} is not a folder")
+        owner = get_user_model().objects.filter(username=options["owner"]).first()
+        if owner is None:
+            raise CommandError(f"no user named {options['owner']!r}; create it first (make superuser)")
+        target = None
+        if options["collection"]:
+            target = Collection.objects.filter(key=options["collection"]).first()
+            if target is None:
+                raise CommandError(f"no collection with key {options['collection']!r}")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        counts: Counter[str] = Counter()
+        rejected: list[tuple[str, str]] = []
+        collections: dict[str, Collection] = {}
+        since_queued = 0
+        for path in tqdm(files, desc="importing", unit="file", disable=options["no_progress"]):
+            collection = target or self._collection_for(path, folder, owner, options["visibility"], collections)
+            try:
+                result = services.image_ingest(
+                    collection=collection, uploaded_by=owner, data=path.read_bytes(), name=path.name, queue=None
+                )
+            except ImageRejected as exc:
+                rejected.append((str(path.relative_to(folder)), str(exc)))
+                counts["rejected"] += 1
+                continue
+            counts["accepted" if result.created else "duplicate"] += 1
+            since_queued += int(result.created)
+            if since_queued >= QUEUE_EVERY:
+                services.enqueue_bulk_batches(count=since_queued)
+                since_queued = 0
+        # Also whatever an interrupted earlier run left pending.
+        leftover = Image.objects.filter(collection__in=self._touched(target, collections), status=ImageStatus.PENDING)
+        if since_queued or leftover.exists():
+            services.enqueue_bulk_batches(count=max(since_queued, leftover.count()))
+        self.stdout.write(
+            f"{len(files)} file(s): {counts['accepted']} accepted, {counts['duplicate']} duplicate(s), "
+            f"{counts['rejected']} rejected, into {len(self._touched(target, collections))} collection(s)."
+        )
+        for name, reason in rejected[:50]:
+            self.stdout.write(f"  rejected {name}: {reason}")
+        if options["wait"]:
+            self._wait(self._touched(target, collections), progress=not options["no_progress"])
+
+    def _collection_for(
+        self, path: Path, root: Path, owner: Any, visibility: str, cache: dict[str, Collection]
+    ) -> Collection:
+        relative = path.relative_to(root)
+        name = relative.parts[0] if len(relative.parts) > 1 else root.name
+        if name not in cache:
+            existing = Collection.objects.filter(owner=owner, name=name).order_by("created_at").first()
+            cache[name] = existing or services.collection_create(owner=owner, name=name, visibility=visibility)
+        return cache[name]
+
+    @staticmethod
+    def _touched(target: Collection | None, collections: dict[str, Collection]) -> list[Collection]:
+        return [target] if target is not None else list(collections.values())
+
+    def _wait(self, collections: list[Collection], *, progress: bool) -> None:
+        images = Image.objects.filter(collection__in=collections)
+        total = images.count()
+        with tqdm(total=total, desc="embedding", unit="img", disable=not progress) as bar:
+            while True:
+                finished = images.filter(status__in=[ImageStatus.READY, ImageStatus.FAILED]).count()
+                bar.update(finished - bar.n)
+                if finished >= total:
+                    break
+                time.sleep(0.5)
+        failed = images.filter(status=ImageStatus.FAILED).count()
+        self.stdout.write(f"{total - failed} image(s) ready, {failed} failed.")

@@ -116,7 +116,10 @@ def import_zip(
                 continue
             total += len(data)
             try:
-                result = services.image_ingest(collection=target, uploaded_by=owner, data=data, name=parts[-1])
+                # queue=None: an archive is bulk work; batch tasks are queued once, below.
+                result = services.image_ingest(
+                    collection=target, uploaded_by=owner, data=data, name=parts[-1], queue=None
+                )
             except ImageRejected as exc:
                 summary.rejected.append((name, str(exc)))
                 continue
@@ -124,6 +127,11 @@ def import_zip(
                 summary.accepted += 1
             else:
                 summary.duplicates += 1
+    if summary.accepted:
+        try:
+            services.enqueue_bulk_batches(count=summary.accepted)
+        except Exception as exc:  # noqa: BLE001 - rows stay pending; the reconciler queues them
+            logger.warning("zip import could not queue its batch tasks: %s", exc)
     logger.info("zip import by %s: %s accepted, %s duplicates, %s rejected",
                 owner, summary.accepted, summary.duplicates, len(summary.rejected))
     return summary

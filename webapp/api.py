@@ -385,8 +385,8 @@ def images_detail(request: HttpRequest, key: str) -> Any:
 @api.delete("/images/{key}", response={204: None, **ERRORS}, auth=TokenAuth(), tags=["images"])
 def images_delete(request: HttpRequest, key: str) -> Any:
     image = selectors.image_for_viewer(key=key, viewer=request.user)
-    if not selectors.can_manage(request.user, image.collection):
-        raise ApiError(403, "forbidden", "Only the collection's owner or an admin may delete its images.")
+    if not selectors.can_curate(request.user, image.collection):
+        raise ApiError(403, "forbidden", "Only the collection's owner, its editors or an admin may delete its images.")
     services.image_delete(image=image)
     return Status(204, None)
 
@@ -396,8 +396,8 @@ def images_delete(request: HttpRequest, key: str) -> Any:
 def images_reembed(request: HttpRequest, key: str) -> Any:
     """Retry a failed image (or refresh a ready one); it goes back to `pending`."""
     image = selectors.image_for_viewer(key=key, viewer=request.user)
-    if not selectors.can_manage(request.user, image.collection):
-        raise ApiError(403, "forbidden", "Only the collection's owner or an admin may re-embed its images.")
+    if not selectors.can_curate(request.user, image.collection):
+        raise ApiError(403, "forbidden", "Only the owner, an editor or an admin may re-embed its images.")
     services.image_reembed(image_ids=[image.pk])
     image.refresh_from_db()
     return Status(202, image)

@@ -21,7 +21,7 @@ from PIL import Image as PILImage
 from retrieval import imaging
 from retrieval.errors import ImageRejected
 from retrieval.preprocessing import resize_for
-from webapp import pipeline, storage
+from webapp import pipeline, storage, tagging
 from webapp.models import Embedding, Image, ImageStatus
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
     good = [item for item in decoded if not item.error]
     if not good:
         return 0
-    vectors = recipe.embed([item.picture for item in good if item.picture is not None]).vectors
+    embedded = recipe.embed([item.picture for item in good if item.picture is not None])
+    vectors = embedded.vectors
     version = services.embedding_model_ensure(
         key=recipe.key, backbone=recipe.spec.name, dimensions=recipe.dimensions
     )
@@ -119,6 +120,9 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
         Embedding.objects.bulk_create(
             rows, update_conflicts=True, unique_fields=["image", "model_version"], update_fields=["vector", "augmented"]
         )
+        for index, item in enumerate(good):
+            if item.job.image_id in alive and embedded.logits is not None:
+                tagging.image_tags_store(image_id=item.job.image_id, logits=embedded.logits[index])
         now = timezone.now()
         for image_id in alive:
             Image.objects.filter(pk=image_id).update(

@@ -15,6 +15,7 @@ import numpy as np
 from django.conf import settings
 from PIL import Image
 
+from retrieval import onnx_runtime
 from retrieval.backbones import BackboneSpec, get_backbone
 from retrieval.extraction import EmbeddingConfig, Extractor
 from retrieval.projection import Projection, load_projection
@@ -29,7 +30,10 @@ class Embedded:
 class Recipe:
     """An extractor with its embedding config and projection, loaded once per process."""
 
-    def __init__(self, spec: BackboneSpec, config: EmbeddingConfig, projection: Projection | None, device: str):
+    def __init__(
+        self, spec: BackboneSpec, config: EmbeddingConfig, projection: Projection | None, device: str,
+        onnx_cache: Path | None = None,
+    ):
         self.spec = spec
         self.config = config
         self.projection = projection
@@ -42,7 +46,7 @@ class Recipe:
         self.key = source_key if projection is None else f"{source_key}+{projection.identifier}"
         self.dimensions = spec.embedding_dim if projection is None else projection.output_dim
         native = config == EmbeddingConfig.for_backbone(spec)
-        self.extractor = Extractor(spec, device=device, config=None if native else config)
+        self.extractor = Extractor(spec, device=device, config=None if native else config, onnx_cache=onnx_cache)
 
     @property
     def single_native_scale(self) -> bool:
@@ -61,13 +65,17 @@ class Recipe:
 
 
 @functools.cache
-def _recipe(backbone: str, resize: str, pooling: str, scales: tuple[int, ...], projection: str, device: str) -> Recipe:
+def _recipe(
+    backbone: str, resize: str, pooling: str, scales: tuple[int, ...], projection: str, device: str, runtime: str
+) -> Recipe:
     spec = get_backbone(backbone)
     config = EmbeddingConfig.for_backbone(
         spec, resize=resize or None, pooling=pooling, scales=scales or None
     )
     loaded = load_projection(Path(projection)) if projection else None
-    return Recipe(spec, config, loaded, device)
+    use_onnx = runtime == "onnx" or (runtime == "auto" and onnx_runtime.available())
+    onnx_cache = Path(settings.VAR_DIR) / "cache" / "onnx" if use_onnx else None
+    return Recipe(spec, config, loaded, device, onnx_cache)
 
 
 def recipe() -> Recipe:
@@ -79,4 +87,5 @@ def recipe() -> Recipe:
         tuple(settings.EMBEDDING_SCALES),
         settings.EMBEDDING_PROJECTION,
         settings.EMBEDDING_DEVICE,
+        settings.EMBEDDING_RUNTIME,
     )

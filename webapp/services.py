@@ -184,11 +184,13 @@ def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
     root = Path(settings.MEDIA_ROOT)
     cutoff = time.time() - older_than_seconds
     removed = 0
-    for kind in ("originals", "thumbnails", "queries"):
+    for kind in ("originals", "thumbnails", "thumbnails-small", "queries"):
         for path in (root / kind).rglob("*") if (root / kind).exists() else []:
             if not path.is_file() or path.stat().st_mtime > cutoff:
                 continue
             relative = str(path.relative_to(root))
+            if kind == "thumbnails-small":
+                relative = "thumbnails/" + relative.split("/", 1)[1]  # kept while its thumbnail is
             if kind != "queries" and (
                 Image.objects.filter(file_path=relative).exists()
                 or Image.objects.filter(thumbnail_path=relative).exists()
@@ -257,7 +259,7 @@ def _display_name(name: str) -> str:
 
 
 def delete_unreferenced(relative: str) -> None:
-    """Delete a stored file unless an image row still uses it."""
+    """Delete a stored file (and a thumbnail's small copy) unless an image row still uses it."""
     if not relative:
         return
     if Image.objects.filter(file_path=relative).exists():
@@ -265,6 +267,8 @@ def delete_unreferenced(relative: str) -> None:
     if Image.objects.filter(thumbnail_path=relative).exists():
         return
     storage.delete(relative)
+    if relative.startswith("thumbnails/"):
+        storage.delete("thumbnails-small/" + relative.split("/", 1)[1])
 
 
 def image_delete(*, image: Image) -> None:

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from celery import Task, shared_task
+from celery.signals import worker_ready
 from django.db import InterfaceError, OperationalError
 
 from webapp import services
@@ -67,3 +68,12 @@ def augment_collection(collection_id: int) -> int:
 
     cache.delete(f"augment-pending:{collection_id}")  # uploads from now on schedule a new refresh
     return services.collection_augment(collection_id=collection_id)
+
+
+@worker_ready.connect
+def _load_model_at_start(**kwargs: Any) -> None:
+    """Load the CNN before the first task, and say which device it runs on."""
+    from webapp import pipeline
+
+    recipe = pipeline.recipe()
+    logger.warning("simili worker ready: %s on %s", recipe.key, recipe.extractor.device)

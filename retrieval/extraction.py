@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -245,11 +247,17 @@ class Extractor:
         return PooledFeatures(by_pooling=out, logits=logits)
 
 
-def imagenet_labels(logits: np.ndarray, *, top: int = 5) -> list[list[tuple[str, float]]]:
-    """Return the `top` ImageNet (description, probability) pairs for each row of logits."""
+@functools.cache
+def _imagenet_info() -> Any:
+    # Parsing timm's class-name files takes 30 ms: once per process, not once per image.
     from timm.data import ImageNetInfo
 
-    info = ImageNetInfo()
+    return ImageNetInfo()
+
+
+def imagenet_labels(logits: np.ndarray, *, top: int = 5) -> list[list[tuple[str, float]]]:
+    """Return the `top` ImageNet (description, probability) pairs for each row of logits."""
+    info = _imagenet_info()
     shifted = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
     result = []

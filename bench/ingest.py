@@ -1,0 +1,240 @@
+"""Ingest throughput: files on disk -> rows + thumbnails + embeddings in PostgreSQL.
+
+Compares, in one run on the same images and the same embedded PostgreSQL/Redis:
+  batched  the product's bulk lane: rows ingested, then a real `celery worker -Q bulk` process
+           claiming batches (SKIP LOCKED), decoding in threads (JPEG draft mode) during inference;
+  naive    one image at a time in this process: full decode, eager PyTorch on one image, one
+           row at a time (no queue at all, so the ratio understates the gain);
+and measures a single upload's latency (upload -> ready, on the interactive worker) while a bulk
+import runs.
+
+  python bench/ingest.py                              # 1000 generated 12-megapixel JPEGs
+  python bench/ingest.py --folder ../shared/datasets/corel1k_wang
+  python bench/ingest.py --count 200 --naive-count 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def generate(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
+    """Write `count` distinct photo-like JPEGs (scikit-image photos, cropped, scaled, tinted)."""
+    import numpy as np
+    from PIL import Image, ImageEnhance
+    from skimage import data
+
+    sources = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.stereo_motorcycle()[0],
+               data.immunohistochemistry(), data.hubble_deep_field()]
+    rng = random.Random(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        base = Image.fromarray(sources[index % len(sources)]).convert("RGB")
+        w, h = base.size
+        left, top = rng.randint(0, w // 6), rng.randint(0, h // 6)
+        image = base.crop((left, top, left + w * 4 // 5, top + h * 4 // 5)).resize(size, Image.Resampling.BILINEAR)
+        image = ImageEnhance.Color(image).enhance(rng.uniform(0.7, 1.3))
+        noise = np.random.default_rng(index).integers(0, 12, (size[1], size[0], 1), dtype=np.uint8)
+        image = Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+        path = folder / f"photo-{index:05d}.jpg"
+        image.save(path, format="JPEG", quality=90)
+        paths.append(path)
+    return paths
+
+
+def setup(var_dir: Path) -> None:
+    os.environ["SIMILI_VAR_DIR"] = str(var_dir)
+    os.environ["DJANGO_SETTINGS_MODULE"] = "webapp.settings"
+    os.environ.setdefault("EMBEDDING_DEVICE", "cpu")
+    sys.path.insert(0, str(ROOT))
+    import django
+    from django.conf import settings
+
+    from webapp import embedded
+
+    embedded.start_postgres(settings.EMBEDDED, database="simili")
+    global REDIS
+    REDIS = embedded.start_redis(settings.EMBEDDED)
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+REDIS = None
+
+
+def worker(queue: str, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "webapp", "worker", "-P", "solo", "-Q", queue, "-n", f"{queue}@%h",
+         "--loglevel", "WARNING", "--without-gossip", "--without-mingle"],
+        cwd=ROOT, env=dict(os.environ), stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def wait_ready(collection, total: int, timeout: float = 3600) -> None:
+    from webapp.models import Image, ImageStatus
+
+    deadline = time.monotonic() + timeout
+    done = [ImageStatus.READY, ImageStatus.FAILED]
+    while Image.objects.filter(collection=collection, status__in=done).count() < total:
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out waiting for the workers")
+        time.sleep(0.2)
+
+
+def batched(paths: list[Path], owner, log: Path, probe: Path | None) -> tuple[float, list[float]]:
+    from webapp import services
+    from webapp.models import Image, ImageStatus
+
+    collection = services.collection_create(owner=owner, name=f"batched-{time.time()}")
+    probes = services.collection_create(owner=owner, name=f"probes-{time.time()}")
+    bulk = worker("bulk", log)
+    interactive = worker("interactive", log)
+    time.sleep(8)  # both workers up (each loads the CNN on its first task)
+    latencies: list[float] = []
+    try:
+        started = time.perf_counter()
+        queued = 0
+        for index, path in enumerate(paths):
+            services.image_ingest(collection=collection, uploaded_by=owner, data=path.read_bytes(),
+                                  name=path.name, queue=None)
+            queued += 1
+            if queued == 64 or index == len(paths) - 1:
+                services.enqueue_bulk_batches(count=queued)
+                queued = 0
+        next_probe = time.perf_counter() + 2
+        done = [ImageStatus.READY, ImageStatus.FAILED]
+        while Image.objects.filter(collection=collection, status__in=done).count() < len(paths):
+            if probe is not None and time.perf_counter() >= next_probe:
+                data = _variant(probe, len(latencies))
+                sent = time.perf_counter()
+                image = services.image_ingest(collection=probes, uploaded_by=owner, data=data, name="probe.jpg").image
+                while Image.objects.get(pk=image.pk).status not in (ImageStatus.READY, ImageStatus.FAILED):
+                    time.sleep(0.02)
+                latencies.append(time.perf_counter() - sent)
+                next_probe = time.perf_counter() + 1
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+    finally:
+        for process in (bulk, interactive):
+            process.terminate()
+            process.wait(30)
+    failed = Image.objects.filter(collection=collection, status=ImageStatus.FAILED).count()
+    if failed:
+        print(f"warning: {failed} image(s) failed in the batched run")
+    return elapsed, latencies
+
+
+def _variant(path: Path, index: int) -> bytes:
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    image = image.resize((640 + index, 480))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=88)
+    return out.getvalue()
+
+
+def naive(paths: list[Path], owner) -> float:
+    """One at a time: full decode, eager PyTorch batch of one, one row at a time."""
+    import hashlib
+
+    from PIL import Image as PILImage
+    from PIL import ImageOps
+
+    from retrieval import imaging
+    from retrieval.extraction import Extractor
+    from webapp import pipeline, services, storage
+    from webapp.models import Embedding, Image, ImageStatus
+
+    recipe = pipeline.recipe()
+    eager = Extractor(recipe.spec, device="cpu")  # eager PyTorch, as a first version would
+    collection = services.collection_create(owner=owner, name=f"naive-{time.time()}")
+    version = services.embedding_model_ensure(key=recipe.key, backbone=recipe.spec.name, dimensions=recipe.dimensions)
+    eager.embed([PILImage.new("RGB", (224, 224))])  # load outside the timing
+    started = time.perf_counter()
+    for path in paths:
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        picture = ImageOps.exif_transpose(PILImage.open(io.BytesIO(data))).convert("RGB")  # full decode
+        thumb_path = storage.content_path("thumbnails", sha, "jpg") + ".naive"
+        storage.write_atomic(thumb_path, imaging.make_thumbnail(picture, max_side=400))
+        vector = eager.embed([picture]).vectors[0]
+        row = Image.objects.create(collection=collection, sha256=sha, file_path=f"naive/{sha}", mime_type="image/jpeg",
+                                   width=picture.width, height=picture.height, byte_size=len(data),
+                                   status=ImageStatus.READY, thumbnail_path=thumb_path)
+        Embedding.objects.create(image=row, model_version=version, vector=vector, augmented=vector)
+    return time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", type=Path, help="a folder of images (e.g. Corel-1k); default: generate JPEGs")
+    parser.add_argument("--count", type=int, default=1000, help="JPEGs to generate (default 1000)")
+    parser.add_argument("--size", default="4000x3000", help="generated JPEG size (default 12 MP)")
+    parser.add_argument("--naive-count", type=int, default=100, help="images timed the naive way (rate is per image)")
+    parser.add_argument("--no-probe", action="store_true", help="skip the single-upload latency probe")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="simili-bench-ingest-") as tmp:
+        tmp_path = Path(tmp)
+        if args.folder:
+            paths = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
+            source = str(args.folder)
+        else:
+            width, height = (int(v) for v in args.size.split("x"))
+            started = time.perf_counter()
+            paths = generate(tmp_path / "photos", args.count, (width, height))
+            print(f"generated {len(paths)} {args.size} JPEGs in {time.perf_counter() - started:.0f} s")
+            source = f"{len(paths)} generated {args.size} JPEGs"
+        setup(tmp_path / "var")
+        from django.contrib.auth import get_user_model
+
+        owner = get_user_model().objects.create_user("bench")
+        import torch
+
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, device cpu")
+        elapsed, latencies = batched(paths, owner, tmp_path / "workers.log",
+                                     None if args.no_probe else paths[0])
+        naive_paths = paths[: args.naive_count]
+        naive_elapsed = naive(naive_paths, owner)
+        batched_rate = len(paths) / elapsed
+        naive_rate = len(naive_paths) / naive_elapsed
+        print()
+        print(f"source: {source}")
+        print(f"{'pipeline':<10} {'images':>7} {'seconds':>8} {'images/s':>9}")
+        print(f"{'batched':<10} {len(paths):>7} {elapsed:>8.1f} {batched_rate:>9.1f}")
+        print(f"{'naive':<10} {len(naive_paths):>7} {naive_elapsed:>8.1f} {naive_rate:>9.1f}")
+        print(f"batched / naive: {batched_rate / naive_rate:.1f}x")
+        if latencies:
+            print(f"single upload -> ready during the bulk import: n={len(latencies)}, "
+                  f"p50 {statistics.median(latencies):.2f} s, p95 {percentile(latencies, 0.95):.2f} s, "
+                  f"max {max(latencies):.2f} s")
+        from django.conf import settings
+
+        from webapp import embedded
+
+        embedded.stop_process(REDIS)
+        embedded.stop_postgres(settings.EMBEDDED)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,14 +10,17 @@ from django.core.checks import Error, register
 
 @register()
 def check_backbone(app_configs: Any, **kwargs: Any) -> list[Error]:
-    from retrieval.backbones import available_backbones
+    from retrieval.backbones import available_backbones, get_backbone
+    from retrieval.errors import UnknownBackbone
 
     names = available_backbones()
-    if settings.EMBEDDING_BACKBONE not in names:
+    try:
+        get_backbone(settings.EMBEDDING_BACKBONE)  # registry names, or torchvision:ARCH / timm:ARCH
+    except (UnknownBackbone, ValueError):
         return [
             Error(
                 f"EMBEDDING_BACKBONE={settings.EMBEDDING_BACKBONE!r} is not a registered backbone.",
-                hint=f"Use one of: {', '.join(names)}.",
+                hint=f"Use one of: {', '.join(names)}, or torchvision:ARCH / timm:ARCH with local weights.",
                 id="simili.E001",
             )
         ]

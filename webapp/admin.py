@@ -153,8 +153,26 @@ class ImageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 @admin.register(EmbeddingModel)
 class EmbeddingModelAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ("key", "backbone", "dimensions", "is_active", "created_at")
-    readonly_fields = ("key", "backbone", "dimensions", "created_at")
+    list_display = ("key", "backbone", "dimensions", "is_active", "coverage", "created_at")
+    readonly_fields = ("key", "backbone", "dimensions", "is_active", "created_at")
+    actions = ("activate",)
+
+    @admin.display(description="Images with a vector")
+    def coverage(self, obj: EmbeddingModel) -> str:
+        covered, total = services.embedding_model_coverage(version=obj)
+        return f"{covered} / {total}"
+
+    @admin.action(description="Make the selected version the one searches use")
+    def activate(self, request: HttpRequest, queryset: QuerySet[EmbeddingModel]) -> None:
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one version.", messages.ERROR)
+            return
+        try:
+            services.embedding_model_activate(version=queryset.get())
+        except ValueError as exc:
+            self.message_user(request, f"{exc} (manage.py reindex).", messages.ERROR)
+            return
+        self.message_user(request, "Searches now use this version.", messages.SUCCESS)
 
 
 @admin.register(ApiToken)

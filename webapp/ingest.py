@@ -161,3 +161,40 @@ def embed_pending(*, batch_size: int | None = None, time_budget: float | None = 
             done += store(current, recipe, augment_each=False)
     logger.info("embedded %s image(s) in %.1f s", done, time.monotonic() - started)
     return done
+
+
+def reindex_batch(*, version_key: str, limit: int, skip: set[int] | None = None) -> list[int]:
+    """Embed up to `limit` ready images that have no vector for the current recipe's version yet.
+
+    Statuses are left alone: the images stay searchable with the active version meanwhile.
+    Returns the ids it tried (empty when the version covers every ready image but `skip`).
+    """
+    from webapp import services
+
+    recipe = pipeline.recipe()
+    if recipe.key != version_key:
+        raise ValueError(f"the configured recipe is {recipe.key!r}, not {version_key!r}")
+    version = services.embedding_model_ensure(key=recipe.key, backbone=recipe.spec.name, dimensions=recipe.dimensions)
+    rows = list(
+        Image.objects.filter(status=ImageStatus.READY)
+        .exclude(embeddings__model_version=version)
+        .exclude(pk__in=skip or set())
+        .order_by("id")
+        .values_list("id", "collection_id", "sha256", "file_path")[:limit]
+    )
+    if not rows:
+        return []
+    with ThreadPoolExecutor(max_workers=settings.DECODE_THREADS, thread_name_prefix="decode") as pool:
+        decoded = list(pool.map(lambda row: decode(Job(*row), recipe), rows))
+    good = [item for item in decoded if not item.error and item.picture is not None]
+    if good:
+        vectors = recipe.embed([item.picture for item in good if item.picture is not None]).vectors
+        Embedding.objects.bulk_create(
+            [Embedding(image_id=item.job.image_id, model_version=version, vector=v, augmented=v)
+             for item, v in zip(good, vectors, strict=True)],
+            update_conflicts=True, unique_fields=["image", "model_version"], update_fields=["vector", "augmented"],
+        )
+    for item in decoded:
+        if item.error:
+            logger.warning("re-index skipped image %s: %s", item.job.image_id, item.error)
+    return [item.job.image_id for item in decoded]

@@ -322,6 +322,28 @@ def embedding_model_ensure(*, key: str, backbone: str, dimensions: int) -> Embed
     return version
 
 
+def embedding_model_coverage(*, version: EmbeddingModel) -> tuple[int, int]:
+    """Return (ready images with a vector of this version, ready images)."""
+    ready = Image.objects.filter(status=ImageStatus.READY)
+    return ready.filter(embeddings__model_version=version).count(), ready.count()
+
+
+def embedding_model_activate(*, version: EmbeddingModel) -> None:
+    """Make `version` the one searches use, at once for every query, once it covers every image.
+
+    Raises ValueError while some ready image has no vector of this version.
+    """
+    covered, total = embedding_model_coverage(version=version)
+    if covered < total:
+        raise ValueError(f"version {version.key} covers {covered} of {total} ready images; re-index first")
+    with transaction.atomic():
+        EmbeddingModel.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
+        EmbeddingModel.objects.filter(pk=version.pk).update(is_active=True)
+    version.is_active = True
+    for collection_id in Collection.objects.values_list("pk", flat=True):
+        schedule_augment(collection_id)
+
+
 def _collection_neighbours(*, vector: np.ndarray, version: EmbeddingModel, collection_id: int, exclude: int, n: int):
     """Return the raw vectors of the `n` images nearest to `vector` in one collection, best first."""
     dim = int(version.dimensions)

@@ -1,0 +1,80 @@
+"""Switching to a better recipe without downtime: re-index in the background, then activate."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from tests.conftest import near_copy
+from tests.factories import CollectionFactory
+from webapp import ingest, services
+from webapp.models import Embedding, EmbeddingModel, Visibility
+
+pytestmark = pytest.mark.django_db(transaction=True)  # a new version creates its index: no open transaction
+
+
+@pytest.fixture
+def embedded_collection(owner, photos):
+    collection = CollectionFactory(owner=owner, visibility=Visibility.PUBLIC)
+    files = dict(photos)
+    files["chelsea-copy.jpg"] = near_copy(photos["chelsea.jpg"])
+    images = {name: services.image_ingest(collection=collection, uploaded_by=owner, data=data, name=name,
+                                          queue=None).image for name, data in files.items()}
+    ingest.embed_claimed(ingest.images_claim(ids=[image.pk for image in images.values()]), augment_each=True)
+    return images
+
+
+def _similar(client, image) -> dict:
+    return client.get(f"/api/v1/images/{image.key}/similar", {"k": 3}).json()
+
+
+def test_a_new_recipe_is_built_in_the_background_and_switched_at_once(embedded_collection, client, settings) -> None:
+    old = EmbeddingModel.objects.get(is_active=True)
+    settings.EMBEDDING_POOLING = "gem"  # a different recipe: a new model version
+    out = io.StringIO()
+    call_command("reindex", "--no-progress", stdout=out)
+    new = EmbeddingModel.objects.exclude(pk=old.pk).get()
+    assert new.key.endswith("/short_side/gem/224")
+    assert Embedding.objects.filter(model_version=new).count() == len(embedded_collection)
+    assert f"{new.key}: 6 of 6 ready image(s) have a vector." in out.getvalue()
+    cat = embedded_collection["chelsea.jpg"]
+    before = _similar(client, cat)
+    assert before["model"] == old.key  # searches keep the old version until the switch
+
+    call_command("reindex", "--activate", "--no-progress", stdout=io.StringIO())
+    assert EmbeddingModel.objects.get(is_active=True) == new
+    after = _similar(client, cat)
+    assert after["model"] == new.key
+    assert after["results"][0]["image"]["key"] == embedded_collection["chelsea-copy.jpg"].key
+
+
+def test_a_version_that_does_not_cover_every_image_cannot_be_activated(embedded_collection) -> None:
+    partial = services.embedding_model_ensure(key="efficientnet_lite0@imagenet-1/x", backbone="efficientnet_lite0",
+                                              dimensions=1280)
+    with pytest.raises(ValueError, match="covers 0 of 6"):
+        services.embedding_model_activate(version=partial)
+    assert not EmbeddingModel.objects.get(pk=partial.pk).is_active
+
+
+def test_activate_fails_clearly_from_the_command_when_images_cannot_be_read(embedded_collection, settings) -> None:
+    from webapp import storage
+
+    storage.delete(embedded_collection["rocket.webp"].file_path)
+    settings.EMBEDDING_POOLING = "gem"
+    with pytest.raises(CommandError, match="covers 5 of 6"):
+        call_command("reindex", "--activate", "--no-progress", stdout=io.StringIO())
+
+
+def test_an_admin_sees_coverage_and_activates_a_complete_version(embedded_collection, admin_client_, settings) -> None:
+    old = EmbeddingModel.objects.get(is_active=True)
+    settings.EMBEDDING_POOLING = "gem"
+    call_command("reindex", "--no-progress", stdout=io.StringIO())
+    new = EmbeddingModel.objects.exclude(pk=old.pk).get()
+    page = admin_client_.get("/admin/simili/embeddingmodel/").content.decode()
+    assert page.count("6 / 6") == 2
+    response = admin_client_.post("/admin/simili/embeddingmodel/",
+                                  {"action": "activate", "_selected_action": [new.pk]}, follow=True)
+    assert "Searches now use this version." in response.content.decode()
+    assert EmbeddingModel.objects.get(is_active=True) == new

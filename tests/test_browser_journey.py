@@ -3,12 +3,11 @@
 Sign up, create a collection, upload several photos at once (each with its own progress and
 outcome), watch them become ready, open one, walk with the arrow keys, follow a similar image,
 search by a dragged region, filter by a tag, and (as staff) read the index health page.
-Screenshots of each main page go to test-artifacts/ (docs/img/ holds copies for the README).
+Screenshots of each main page go to test-artifacts/ (docs/img/ holds copies for the README,
+copied by hand when the pages change).
 """
 
 from __future__ import annotations
-
-import shutil
 
 import numpy as np
 import pytest
@@ -136,7 +135,5 @@ def test_a_visitor_signs_up_uploads_walks_searches_and_filters(
     context.close()
 
     assert errors == []
-    docs = ARTIFACTS.parent / "docs" / "img"
-    docs.mkdir(parents=True, exist_ok=True)
-    for name in SCREENSHOTS:
-        shutil.copyfile(ARTIFACTS / f"{name}.png", docs / f"{name}.png")
+    for name in SCREENSHOTS:  # docs/img/ holds copies, refreshed by hand: tests never write docs
+        assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000

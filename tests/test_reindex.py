@@ -78,3 +78,30 @@ def test_an_admin_sees_coverage_and_activates_a_complete_version(embedded_collec
                                   {"action": "activate", "_selected_action": [new.pk]}, follow=True)
     assert "Searches now use this version." in response.content.decode()
     assert EmbeddingModel.objects.get(is_active=True) == new
+
+
+def test_a_small_cnn_trained_here_is_refused_with_a_clear_message_for_its_16k_dimensions(
+    embedded_collection, client, settings, tmp_path
+) -> None:
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    from retrieval import train
+
+    root = tmp_path / "shapes"
+    for index, colour in enumerate([(220, 30, 30), (30, 180, 40), (30, 60, 220)]):
+        (root / f"c{index}").mkdir(parents=True)
+        for i in range(5):
+            image = PILImage.new("RGB", (80, 64), (245, 245, 240))
+            ImageDraw.Draw(image).ellipse((5 * i, 4 * i, 5 * i + 30, 4 * i + 30), fill=colour)
+            image.save(root / f"c{index}" / f"{i}.png")
+    out = tmp_path / "cnn"
+    argv = [str(root), "--method", "cnn", "--epochs", "1", "--test-fraction", "0.4", "--out", str(out), "--no-progress"]
+    assert train.main(argv) == 0
+    settings.EMBEDDING_BACKBONE = f"small_cnn:{out / 'small_cnn.pt'}"
+    # The founding document's CNN reads a flattened 64x16x16 map: 16,384 dimensions, beyond what
+    # pgvector's HNSW index takes. The web app says so instead of failing obscurely.
+    with pytest.raises(ValueError, match="16384-dimensional vectors; the similarity index takes at most 2000"):
+        call_command("reindex", "--activate", "--no-progress", stdout=io.StringIO())
+    assert EmbeddingModel.objects.filter(is_active=True).get().backbone == "efficientnet_lite0"
+    assert _similar(client, embedded_collection["chelsea.jpg"])["results"]

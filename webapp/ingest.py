@@ -121,7 +121,7 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
             rows, update_conflicts=True, unique_fields=["image", "model_version"], update_fields=["vector", "augmented"]
         )
         for index, item in enumerate(good):
-            if item.job.image_id in alive and embedded.logits is not None:
+            if item.job.image_id in alive and embedded.logits is not None and recipe.spec.imagenet_head:
                 tagging.image_tags_store(image_id=item.job.image_id, logits=embedded.logits[index])
         now = timezone.now()
         for image_id in alive:

@@ -147,8 +147,8 @@ class ImageTag(models.Model):
 class EmbeddingModel(models.Model):
     """A model version: a backbone (and later a projection) whose vectors are comparable."""
 
-    key = models.CharField(max_length=120, unique=True)
-    backbone = models.CharField(max_length=80)
+    key = models.CharField(max_length=400, unique=True)
+    backbone = models.CharField(max_length=300)  # may name a checkpoint path (small_cnn:…)
     dimensions = models.PositiveIntegerField()
     is_active = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)

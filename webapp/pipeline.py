@@ -68,7 +68,7 @@ class Recipe:
 def _recipe(
     backbone: str, resize: str, pooling: str, scales: tuple[int, ...], projection: str, device: str, runtime: str
 ) -> Recipe:
-    spec = get_backbone(backbone)
+    spec = _backbone(backbone)
     config = EmbeddingConfig.for_backbone(
         spec, resize=resize or None, pooling=pooling, scales=scales or None
     )
@@ -76,6 +76,22 @@ def _recipe(
     use_onnx = runtime == "onnx" or (runtime == "auto" and onnx_runtime.available())
     onnx_cache = Path(settings.VAR_DIR) / "cache" / "onnx" if use_onnx else None
     return Recipe(spec, config, loaded, device, onnx_cache)
+
+
+SMALL_CNN_PREFIX = "small_cnn:"
+
+
+def _backbone(name: str) -> BackboneSpec:
+    """A registry name, torchvision:ARCH / timm:ARCH, or small_cnn:/path/to/small_cnn.pt (trained here)."""
+    path = Path(name.removeprefix(SMALL_CNN_PREFIX))
+    if name.startswith(SMALL_CNN_PREFIX) and path.suffix == ".pt":
+        from retrieval.small_cnn import register_small_cnn
+
+        try:
+            return get_backbone(name)
+        except KeyError:
+            return register_small_cnn(path, name=name)
+    return get_backbone(name)
 
 
 def recipe() -> Recipe:

@@ -298,8 +298,18 @@ def image_reembed(*, image_ids: list[int]) -> int:
     return len(ids)
 
 
+#: pgvector's HNSW index takes vectors of at most 2,000 dimensions.
+MAX_INDEXED_DIMENSIONS = 2000
+
+
 def embedding_model_ensure(*, key: str, backbone: str, dimensions: int) -> EmbeddingModel:
     """Return the model version row for a recipe key, creating it and its HNSW index once."""
+    if dimensions > MAX_INDEXED_DIMENSIONS:
+        raise ValueError(
+            f"{backbone} makes {dimensions}-dimensional vectors; the similarity index takes at most "
+            f"{MAX_INDEXED_DIMENSIONS}. Add a projection (EMBEDDING_PROJECTION, from python -m retrieval.train "
+            "--method projection) that maps them to fewer dimensions."
+        )
     version, created = EmbeddingModel.objects.get_or_create(
         key=key, defaults={"backbone": backbone, "dimensions": dimensions}
     )

@@ -56,6 +56,9 @@ def test_uploaded_photos_become_ready_and_a_near_copy_ranks_first(
     statuses = _wait_until_settled(owner_client, key, image_keys)
     assert set(statuses.values()) == {ImageStatus.READY}
     assert Embedding.objects.count() == len(files)
+    # The worker stored the classifier's confident ImageNet labels as tags: the cat is a cat.
+    cat_tags = set(Image.objects.get(key=by_name["chelsea.jpg"]).tags.values_list("label", flat=True))
+    assert cat_tags & {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}, cat_tags
     for image in Image.objects.all():
         assert image.thumbnail_path and (image.thumbnail_path in {str(p).split("media/", 1)[1] for p in media_files()})
 

@@ -132,6 +132,7 @@ def import_zip(
             services.enqueue_bulk_batches(count=summary.accepted)
         except Exception as exc:  # noqa: BLE001 - rows stay pending; the reconciler queues them
             logger.warning("zip import could not queue its batch tasks: %s", exc)
+        services.images_analyze()
     logger.info("zip import by %s: %s accepted, %s duplicates, %s rejected",
                 owner, summary.accepted, summary.duplicates, len(summary.rejected))
     return summary

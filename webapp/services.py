@@ -464,6 +464,17 @@ def enqueue_bulk_batches(*, count: int) -> int:
     return tasks
 
 
+def images_analyze() -> None:
+    """Refresh the planner's statistics after a bulk load, not whenever autovacuum gets to it.
+
+    With stale ones the planner misjudges the visibility join in the similarity query and
+    computes every distance exactly (measured: 570 ms instead of 30 ms at 10,000 images).
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE simili_image")
+        cursor.execute("ANALYZE simili_embedding")
+
+
 #: Batch tasks queued at once: each keeps claiming batches until nothing is pending, so a few
 #: are enough to keep every bulk worker busy.
 MAX_BATCH_TASKS = 8

@@ -14,7 +14,6 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import connection
 from tqdm import tqdm
 
 from retrieval.errors import ImageRejected
@@ -76,10 +75,7 @@ class Command(BaseCommand):
             f"{len(files)} file(s): {counts['accepted']} accepted, {counts['duplicate']} duplicate(s), "
             f"{counts['rejected']} rejected, into {len(self._touched(target, collections))} collection(s)."
         )
-        with connection.cursor() as cursor:
-            # Fresh statistics now, not whenever autovacuum gets to it: with stale ones the planner
-            # misjudges the visibility filter's selectivity in the similarity query.
-            cursor.execute("ANALYZE simili_image")
+        services.images_analyze()
         for name, reason in rejected[:50]:
             self.stdout.write(f"  rejected {name}: {reason}")
         if options["wait"]:

@@ -38,6 +38,18 @@ def onnx_path(cache_dir: Path, spec: BackboneSpec) -> Path:
     return cache_dir / f"{spec.key.replace('/', '_').replace('@', '-')}.onnx"
 
 
+class _Outputs(torch.nn.Module):
+    """Export only the outputs a backbone has: features, and logits when it has a classifier."""
+
+    def __init__(self, model: FeatureModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features, logits = self.model(x)
+        return (features,) if logits is None else (features, logits)
+
+
 def export(model: FeatureModel, path: Path, *, input_size: int) -> Path:
     """Export a backbone to ONNX with dynamic batch size and image size, written atomically.
 
@@ -51,15 +63,18 @@ def export(model: FeatureModel, path: Path, *, input_size: int) -> Path:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, input_size, input_size * 4 // 3)
+    with torch.inference_mode():
+        has_logits = model(example)[1] is not None
+    outputs = ["features", "logits"] if has_logits else ["features"]
+    axes = {"images": {0: "n", 2: "h", 3: "w"}, **{name: {0: "n"} for name in outputs}}
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.partial")
     os.close(fd)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
             torch.onnx.export(
-                model, (example,), tmp, input_names=["images"], output_names=["features", "logits"],
-                dynamic_axes={"images": {0: "n", 2: "h", 3: "w"}, "features": {0: "n"}, "logits": {0: "n"}},
-                opset_version=OPSET, dynamo=False,
+                _Outputs(model), (example,), tmp, input_names=["images"], output_names=outputs,
+                dynamic_axes=axes, opset_version=OPSET, dynamo=False,
             )
         os.replace(tmp, path)
     finally:

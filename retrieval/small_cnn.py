@@ -63,7 +63,13 @@ def _feature_map(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return trunk.feature_map(x)  # type: ignore[operator]
 
 
-def _build(num_classes: int, input_size: int) -> FeatureModel:
+def _pooled_features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return trunk.feature_map(x).mean(dim=(2, 3))  # type: ignore[operator]
+
+
+def _build(num_classes: int, input_size: int, pooled: bool = False) -> FeatureModel:
+    if pooled:
+        return FeatureModel(SmallCNN(num_classes, input_size=input_size), _pooled_features, None, _feature_map)
     return FeatureModel(SmallCNN(num_classes, input_size=input_size), _features, _head, _feature_map)
 
 
@@ -93,12 +99,15 @@ def save_checkpoint(
     return path
 
 
-def small_cnn_backbone(path: Path, *, name: str | None = None) -> BackboneSpec:
+def small_cnn_backbone(path: Path, *, name: str | None = None, pooled: bool = False) -> BackboneSpec:
     """Return a backbone spec for a small-CNN checkpoint written by `python -m retrieval.train`.
 
     Args:
         path: the checkpoint file.
         name: the registry name; default "small_cnn:<file stem>".
+        pooled: describe images by the global average of the last feature map (one value per
+            channel) instead of the flattened map the dense layer reads: small enough for a
+            vector index, and no classifier output.
 
     Returns:
         A spec whose version is the checkpoint's content hash, so retrained weights get a new key.
@@ -111,10 +120,10 @@ def small_cnn_backbone(path: Path, *, name: str | None = None) -> BackboneSpec:
     size = int(meta["input_size"])
     return BackboneSpec(
         name=name or f"small_cnn:{path.stem}",
-        version=hashlib.sha256(path.read_bytes()).hexdigest()[:12],
-        build=functools.partial(_build, len(meta["classes"]), size),
+        version=hashlib.sha256(path.read_bytes()).hexdigest()[:12] + ("-gap" if pooled else ""),
+        build=functools.partial(_build, len(meta["classes"]), size, pooled),
         weights=lambda: path,
-        embedding_dim=feature_dim(size),
+        embedding_dim=CHANNELS[1] if pooled else feature_dim(size),
         input_size=size,
         mean=tuple(meta["mean"]),  # type: ignore[arg-type]
         std=tuple(meta["std"]),  # type: ignore[arg-type]
@@ -123,6 +132,6 @@ def small_cnn_backbone(path: Path, *, name: str | None = None) -> BackboneSpec:
     )
 
 
-def register_small_cnn(path: Path, *, name: str | None = None) -> BackboneSpec:
+def register_small_cnn(path: Path, *, name: str | None = None, pooled: bool = False) -> BackboneSpec:
     """Register a small-CNN checkpoint so that `get_backbone(name)` and `Extractor` use it."""
-    return register_backbone(small_cnn_backbone(path, name=name))
+    return register_backbone(small_cnn_backbone(path, name=name, pooled=pooled))

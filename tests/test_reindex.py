@@ -80,7 +80,7 @@ def test_an_admin_sees_coverage_and_activates_a_complete_version(embedded_collec
     assert EmbeddingModel.objects.get(is_active=True) == new
 
 
-def test_a_small_cnn_trained_here_is_refused_with_a_clear_message_for_its_16k_dimensions(
+def test_a_small_cnn_trained_here_becomes_the_web_apps_backbone(
     embedded_collection, client, settings, tmp_path
 ) -> None:
     from PIL import Image as PILImage
@@ -99,9 +99,15 @@ def test_a_small_cnn_trained_here_is_refused_with_a_clear_message_for_its_16k_di
     argv = [str(root), "--method", "cnn", "--epochs", "1", "--test-fraction", "0.4", "--out", str(out), "--no-progress"]
     assert train.main(argv) == 0
     settings.EMBEDDING_BACKBONE = f"small_cnn:{out / 'small_cnn.pt'}"
-    # The founding document's CNN reads a flattened 64x16x16 map: 16,384 dimensions, beyond what
-    # pgvector's HNSW index takes. The web app says so instead of failing obscurely.
+    call_command("reindex", "--activate", "--no-progress", stdout=io.StringIO())
+    active = EmbeddingModel.objects.get(is_active=True)
+    assert active.backbone == settings.EMBEDDING_BACKBONE
+    assert active.dimensions == 64  # the pooled last feature map, not the 16,384-d flattened one
+    body = _similar(client, embedded_collection["chelsea.jpg"])
+    assert body["model"] == active.key
+    assert len(body["results"]) == 3
+
+
+def test_vectors_too_wide_for_the_index_are_refused_with_a_clear_message() -> None:
     with pytest.raises(ValueError, match="16384-dimensional vectors; the similarity index takes at most 2000"):
-        call_command("reindex", "--activate", "--no-progress", stdout=io.StringIO())
-    assert EmbeddingModel.objects.filter(is_active=True).get().backbone == "efficientnet_lite0"
-    assert _similar(client, embedded_collection["chelsea.jpg"])["results"]
+        services.embedding_model_ensure(key="wide@1", backbone="wide", dimensions=16384)

@@ -90,7 +90,7 @@ def _backbone(name: str) -> BackboneSpec:
         try:
             return get_backbone(name)
         except KeyError:
-            return register_small_cnn(path, name=name)
+            return register_small_cnn(path, name=name, pooled=True)  # 64-d: fits the vector index
     return get_backbone(name)
 
 

@@ -120,14 +120,16 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
         Embedding.objects.bulk_create(
             rows, update_conflicts=True, unique_fields=["image", "model_version"], update_fields=["vector", "augmented"]
         )
-        for index, item in enumerate(good):
-            if item.job.image_id in alive and embedded.logits is not None and recipe.spec.imagenet_head:
-                tagging.image_tags_store(image_id=item.job.image_id, logits=embedded.logits[index])
+        if embedded.logits is not None and recipe.spec.imagenet_head:
+            tagging.images_tags_replace({
+                item.job.image_id: tagging.tags_from_logits(embedded.logits[index])
+                for index, item in enumerate(good) if item.job.image_id in alive
+            })
         now = timezone.now()
-        for image_id in alive:
-            Image.objects.filter(pk=image_id).update(
-                status=ImageStatus.READY, error="", thumbnail_path=thumbnails[image_id], processed_at=now
-            )
+        # One UPDATE for the batch instead of one per image.
+        ready = [Image(pk=image_id, status=ImageStatus.READY, error="", thumbnail_path=thumbnails[image_id],
+                       processed_at=now, updated_at=now) for image_id in alive]
+        Image.objects.bulk_update(ready, ["status", "error", "thumbnail_path", "processed_at", "updated_at"])
     for image_id in set(thumbnails) - alive:  # deleted while we worked
         services.delete_unreferenced(thumbnails[image_id])
     for collection_id in {item.job.collection_id for item in good}:

@@ -251,7 +251,9 @@ def test_similar_allows_any_origin_for_public_and_listed_origins_otherwise(api, 
     query_image, _, _ = ranked
     response = api.get(f"/api/v1/images/{query_image.key}/similar", HTTP_ORIGIN="https://blog.example")
     assert response["Access-Control-Allow-Origin"] == "*"
-    assert response["Cache-Control"] == "public, max-age=60"
+    assert response["Cache-Control"] == "public, no-cache"  # revalidated each time: no stale privacy
+    again = api.get(f"/api/v1/images/{query_image.key}/similar", HTTP_IF_NONE_MATCH=response["ETag"])
+    assert again.status_code == 304
     assert "Access-Control-Allow-Credentials" not in response
 
     unlisted = CollectionFactory(owner=owner, visibility=Visibility.UNLISTED, embed_origins="https://shop.example\n")

@@ -85,6 +85,29 @@ def test_a_worker_killed_mid_task_loses_no_image(fast_worker, owner_client, phot
     _assert_all_ready_exactly_once(len(files))
 
 
+def test_a_worker_killed_mid_batch_loses_no_image(fast_worker, owner, photos, tmp_path) -> None:
+    """The bulk lane: rows claimed by a batch stay 'processing' when its worker dies; none is lost."""
+    import io
+
+    from django.core.management import call_command
+
+    for name, data in _photo_set(photos).items():
+        (tmp_path / name).write_bytes(data)
+    fast_worker.kill()  # the import queues its batch tasks with no worker running
+    call_command("import_folder", str(tmp_path), "--owner", owner.username, "--no-progress", stdout=io.StringIO())
+    total = Image.objects.count()
+    assert total == len(photos) * 2
+    fast_worker.start(wait=False, **FAST_RECONCILE)
+    _wait(lambda: Image.objects.filter(status=ImageStatus.PROCESSING).exists(), 60, "a batch in progress")
+    fast_worker.kill()
+    assert Image.objects.filter(status=ImageStatus.PROCESSING).count() > 1  # a whole batch was claimed
+    assert Image.objects.filter(status=ImageStatus.READY).count() < total
+
+    fast_worker.start(wait=False, **FAST_RECONCILE)
+    _wait(lambda: Image.objects.filter(status=ImageStatus.READY).count() == total, 120, "all images ready")
+    _assert_all_ready_exactly_once(total)
+
+
 def test_uploads_during_a_redis_outage_are_embedded_once_it_returns(
     fast_worker, redis_server, owner_client, photos
 ) -> None:

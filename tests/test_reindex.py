@@ -111,3 +111,21 @@ def test_a_small_cnn_trained_here_becomes_the_web_apps_backbone(
 def test_vectors_too_wide_for_the_index_are_refused_with_a_clear_message() -> None:
     with pytest.raises(ValueError, match="16384-dimensional vectors; the similarity index takes at most 2000"):
         services.embedding_model_ensure(key="wide@1", backbone="wide", dimensions=16384)
+
+
+def test_a_projection_fitted_on_the_collection_is_used_by_the_web_app(embedded_collection, client, settings,
+                                                                       tmp_path) -> None:
+    import numpy as np
+
+    from retrieval.projection import fit_pca_whitening
+
+    old = EmbeddingModel.objects.get(is_active=True)
+    vectors = np.stack([np.asarray(e.vector, dtype=np.float32) for e in Embedding.objects.filter(model_version=old)])
+    projection = fit_pca_whitening(vectors, source_key=old.key, shrinkage=1.0)  # centring, learned without labels
+    settings.EMBEDDING_PROJECTION = str(projection.save(tmp_path / "centring.npz"))
+    call_command("reindex", "--activate", "--no-progress", stdout=io.StringIO())
+    active = EmbeddingModel.objects.get(is_active=True)
+    assert active.key == f"{old.key}+{projection.identifier}"
+    body = _similar(client, embedded_collection["chelsea.jpg"])
+    assert body["model"] == active.key
+    assert body["results"][0]["image"]["key"] == embedded_collection["chelsea-copy.jpg"].key

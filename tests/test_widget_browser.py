@@ -48,6 +48,7 @@ def test_the_widget_and_iframe_render_on_another_origin(browser, live_server, ot
       <div id="two" data-simili-similar="{images[1].key}" data-limit="2"></div>
       <div id="secret" data-simili-similar="{secret.key}"></div>
       <div id="unknown" data-simili-similar="no-such-image"></div>
+      <div id="down" data-simili-similar="{images[0].key}" data-simili-base="http://127.0.0.1:9"></div>
       <iframe id="frame" src="{app}/embed/similar/{images[0].key}/?limit=4" width="600" height="200"></iframe>
       <script src="{app}/static/widget.js" async></script>
     </body></html>""")
@@ -55,7 +56,7 @@ def test_the_widget_and_iframe_render_on_another_origin(browser, live_server, ot
     errors: list[str] = []
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.goto(f"{site_url}/index.html")
-    for selector in ("#one", "#two", "#secret", "#unknown"):
+    for selector in ("#one", "#two", "#secret", "#unknown", "#down"):
         page.wait_for_selector(
             f"{selector}[data-simili-state=done], {selector}[data-simili-state=error]", state="attached"
         )
@@ -68,6 +69,8 @@ def test_the_widget_and_iframe_render_on_another_origin(browser, live_server, ot
     assert page.locator("#two img").count() == 2
     assert page.locator("#secret *").count() == 0
     assert page.locator("#unknown *").count() == 0
+    assert page.locator("#down *").count() == 0  # a server that is down: nothing, no broken layout
+    assert page.locator("#down").get_attribute("data-simili-state") == "error"
     assert any("Simili widget" in e for e in errors)
 
     href = page.locator("#one a").first.get_attribute("href")

@@ -151,8 +151,9 @@ def _cors(request: HttpRequest, response: HttpResponse, collection: Collection |
 def _cacheable(request: HttpRequest, response: HttpResponse, collection: Collection) -> HttpResponse:
     anonymous = not request.headers.get("Authorization") and not request.user.is_authenticated
     if anonymous and collection.visibility == Visibility.PUBLIC:
-        # Short, so a collection made private disappears from shared caches within a minute.
-        response["Cache-Control"] = "public, max-age=60"
+        # Caches may keep it but must revalidate every time (a cheap 304 by ETag), so a
+        # collection made private disappears from them at once.
+        response["Cache-Control"] = "public, no-cache"
     else:
         response["Cache-Control"] = "private, no-store"
     return response

@@ -31,5 +31,5 @@ def embed_similar(request: HttpRequest, key: str) -> HttpResponse:
     else:
         ancestors = " ".join(sorted(selectors.embed_origins(collection))) or "'none'"
     response["Content-Security-Policy"] = f"frame-ancestors {ancestors}"
-    response["Cache-Control"] = "public, max-age=60" if collection.visibility == Visibility.PUBLIC else "no-store"
+    response["Cache-Control"] = "public, no-cache" if collection.visibility == Visibility.PUBLIC else "no-store"
     return response

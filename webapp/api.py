@@ -425,7 +425,8 @@ def images_similar(request: HttpRequest, key: str, query: Query[SimilarQuery]) -
     image = selectors.image_for_viewer(key=key, viewer=viewer)
     version = selectors.active_model_version()
     results = selectors.image_similar(
-        image=image, viewer=viewer, k=query.k, collection_ids=_collection_ids(query.collection, viewer)
+        image=image, viewer=viewer, k=query.k, collection_ids=_collection_ids(query.collection, viewer),
+        version=version,
     )
     body = {
         "model": version.key if version else None,

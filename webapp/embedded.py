@@ -6,13 +6,17 @@ command and the test suite use it to run the servers. Data lives under `var/`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,3 +231,32 @@ def stop_process(process: subprocess.Popen[bytes] | None, *, timeout: float = 10
 def remove_tree(path: Path) -> None:
     """Delete a directory tree if it exists (used by tests for throwaway data)."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def servers(
+    layout: Layout, *, postgres: bool, redis: bool, database: str = "simili", say: Callable[[str], None] = logger.info
+) -> Iterator[None]:
+    """Run the embedded servers asked for while the block runs; stop those this call started."""
+    started_postgres = False
+    redis_process: subprocess.Popen[bytes] | None = None
+    try:
+        if postgres:
+            say(f"Starting embedded PostgreSQL in {layout.pgdata} …")
+            started_postgres = start_postgres(layout, database=database)
+        if redis:
+            say(f"Starting embedded Redis in {layout.redis_dir} …")
+            redis_process = start_redis(layout)
+        yield
+    finally:
+        stop_process(redis_process)
+        if started_postgres:
+            stop_postgres(layout)
+
+
+def stop_requested() -> threading.Event:
+    """Return an event set by SIGINT or SIGTERM (Ctrl-C), for a foreground command's main loop."""
+    event = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: event.set())
+    return event

@@ -350,10 +350,15 @@ def _nearest(
 
 
 def image_similar(
-    *, image: Image, viewer: Viewer, k: int | None = None, collection_ids: Sequence[int] | None = None
+    *,
+    image: Image,
+    viewer: Viewer,
+    k: int | None = None,
+    collection_ids: Sequence[int] | None = None,
+    version: EmbeddingModel | None = None,
 ) -> list[SimilarImage]:
     """Return the images most similar to a stored image, among those the viewer may see."""
-    version = active_model_version()
+    version = version or active_model_version()
     if version is None or not image.is_ready:
         return []
     vector = image_vector(image=image, version=version)

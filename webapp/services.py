@@ -176,14 +176,20 @@ def images_requeue_stale() -> int:
     return len(retry)
 
 
+#: Stored files checked against the database per query by the media sweeper.
+GC_BATCH = 1000
+
+
 def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
     """Delete stored files that no row references (left by a crash between write and insert)."""
     import time
     from pathlib import Path
 
+    from django.db.models import Q
+
     root = Path(settings.MEDIA_ROOT)
     cutoff = time.time() - older_than_seconds
-    removed = 0
+    candidates: list[tuple[Path, str]] = []  # (file, the stored path that keeps it alive, or "")
     for kind in ("originals", "thumbnails", "thumbnails-small", "queries"):
         for path in (root / kind).rglob("*") if (root / kind).exists() else []:
             if not path.is_file() or path.stat().st_mtime > cutoff:
@@ -191,10 +197,15 @@ def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
             relative = str(path.relative_to(root))
             if kind == "thumbnails-small":
                 relative = "thumbnails/" + relative.split("/", 1)[1]  # kept while its thumbnail is
-            if kind != "queries" and (
-                Image.objects.filter(file_path=relative).exists()
-                or Image.objects.filter(thumbnail_path=relative).exists()
-            ):
+            candidates.append((path, "" if kind == "queries" else relative))
+    removed = 0
+    for start in range(0, len(candidates), GC_BATCH):
+        batch = candidates[start:start + GC_BATCH]
+        keys = [key for _, key in batch if key]
+        rows = Image.objects.filter(Q(file_path__in=keys) | Q(thumbnail_path__in=keys))
+        referenced = {path for pair in rows.values_list("file_path", "thumbnail_path") for path in pair}
+        for path, key in batch:
+            if key and key in referenced:
                 continue
             path.unlink(missing_ok=True)
             removed += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
@@ -126,3 +127,20 @@ def test_uploads_during_a_redis_outage_are_embedded_once_it_returns(
         redis_server.start()
     _wait(lambda: Image.objects.filter(status=ImageStatus.READY).count() == len(photos), 120, "all images ready")
     _assert_all_ready_exactly_once(len(photos))
+
+
+@pytest.mark.skipif(not settings.EMBEDDED_POSTGRES, reason="needs the embedded PostgreSQL to restart it")
+def test_workers_reconnect_after_the_database_restarts(celery_worker_process, owner_client, photos) -> None:
+    from django.db import connection
+
+    from webapp import embedded
+
+    key = _collection(owner_client)
+    assert _upload(owner_client, key, {"coffee.png": photos["coffee.png"]}).status_code == 202
+    _wait(lambda: Image.objects.filter(status=ImageStatus.READY).count() == 1, 120, "the first image")
+    connection.close()
+    embedded.stop_postgres(settings.EMBEDDED)  # every connection, the worker's included, is cut
+    assert embedded.start_postgres(settings.EMBEDDED)
+    assert _upload(owner_client, key, {"rocket.webp": photos["rocket.webp"]}).status_code == 202
+    _wait(lambda: Image.objects.filter(status=ImageStatus.READY).count() == 2, 120, "the image after the restart")
+    _assert_all_ready_exactly_once(2)

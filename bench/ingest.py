@@ -169,13 +169,14 @@ def naive(paths: list[Path], owner) -> float:
 
     from retrieval import imaging
     from retrieval.extraction import Extractor
-    from webapp import pipeline, services, storage
+    from webapp import embeddings, pipeline, services, storage
     from webapp.models import Embedding, Image, ImageStatus
 
     recipe = pipeline.recipe()
     eager = Extractor(recipe.spec, device="cpu")  # eager PyTorch, as a first version would
     collection = services.collection_create(owner=owner, name=f"naive-{time.time()}")
-    version = services.embedding_model_ensure(key=recipe.key, backbone=recipe.spec.name, dimensions=recipe.dimensions)
+    version = embeddings.embedding_model_ensure(key=recipe.key, backbone=recipe.spec.name,
+                                                dimensions=recipe.dimensions)
     eager.embed([PILImage.new("RGB", (224, 224))])  # load outside the timing
     started = time.perf_counter()
     for path in paths:
@@ -188,7 +189,8 @@ def naive(paths: list[Path], owner) -> float:
         row = Image.objects.create(collection=collection, sha256=sha, file_path=f"naive/{sha}", mime_type="image/jpeg",
                                    width=picture.width, height=picture.height, byte_size=len(data),
                                    status=ImageStatus.READY, thumbnail_path=thumb_path)
-        Embedding.objects.create(image=row, model_version=version, vector=vector, augmented=vector)
+        Embedding.objects.create(image=row, collection=collection, model_version=version, vector=vector,
+                                 augmented=vector)
     return time.perf_counter() - started
 
 

@@ -43,8 +43,8 @@ def setup(var_dir: Path) -> object:
 def populate(owner, name: str, count: int, version, rng) -> list[str]:
     import numpy as np
 
-    from webapp import services
-    from webapp.models import Embedding, Image, ImageStatus
+    from webapp import embeddings, services
+    from webapp.models import Image, ImageStatus
 
     collection = services.collection_create(owner=owner, name=name, visibility="public")
     rows = []
@@ -59,11 +59,8 @@ def populate(owner, name: str, count: int, version, rng) -> list[str]:
     centres = rng.standard_normal((50, 1280)).astype(np.float32)  # clustered, like real photos
     vectors = centres[rng.integers(0, 50, count)] + 0.6 * rng.standard_normal((count, 1280)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    embeddings = [
-        Embedding(image=image, model_version=version, vector=v, augmented=v)
-        for image, v in zip(images, vectors, strict=True)
-    ]
-    Embedding.objects.bulk_create(embeddings, batch_size=1000)
+    rows = [embeddings.VectorRow(image.pk, collection.pk, v, v) for image, v in zip(images, vectors, strict=True)]
+    embeddings.embeddings_store(version=version, rows=rows)
     return [collection.key, *(image.key for image in images[:: max(1, count // 50)])]
 
 
@@ -93,10 +90,10 @@ def main() -> None:
         from django.contrib.auth import get_user_model
         from django.test import Client
 
-        from webapp import embedded, services
+        from webapp import embedded, embeddings
 
         owner = get_user_model().objects.create_user("bench")
-        version = services.embedding_model_ensure(key="efficientnet_lite0@imagenet-1", backbone="efficientnet_lite0",
+        version = embeddings.embedding_model_ensure(key="efficientnet_lite0@imagenet-1", backbone="efficientnet_lite0",
                                                   dimensions=1280)
         rng = np.random.default_rng(1)
         started = time.perf_counter()

@@ -8,7 +8,7 @@ import factory
 import numpy as np
 from django.contrib.auth import get_user_model
 
-from webapp import services
+from webapp import embeddings
 from webapp.models import Collection, Embedding, EmbeddingModel, Image, ImageStatus, Visibility
 
 
@@ -46,7 +46,7 @@ class ImageFactory(factory.django.DjangoModelFactory):
 
 def default_version() -> EmbeddingModel:
     """The default backbone's model version, created as the worker would (with its index)."""
-    return services.embedding_model_ensure(key="efficientnet_lite0@imagenet-1", backbone="efficientnet_lite0",
+    return embeddings.embedding_model_ensure(key="efficientnet_lite0@imagenet-1", backbone="efficientnet_lite0",
                                            dimensions=1280)
 
 
@@ -55,11 +55,17 @@ def unit_vector(seed: int, dim: int = 1280) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
+def near(base: np.ndarray, seed: int, spread: float = 0.5) -> np.ndarray:
+    """A unit vector similar to `base` (cosine about 0.9) but not a near-duplicate of it."""
+    vector = base + spread * unit_vector(seed, len(base))
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
 def embed(
     image: Image, vector: np.ndarray, version: EmbeddingModel | None = None, augmented: np.ndarray | None = None
 ) -> Embedding:
     """Store a vector as the worker would with augmentation off (augmented = vector unless given)."""
     return Embedding.objects.create(
-        image=image, model_version=version or default_version(), vector=vector,
+        image=image, collection_id=image.collection_id, model_version=version or default_version(), vector=vector,
         augmented=vector if augmented is None else augmented,
     )

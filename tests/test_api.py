@@ -8,7 +8,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from tests.conftest import media_files
-from tests.factories import CollectionFactory, ImageFactory, default_version, embed, unit_vector
+from tests.factories import CollectionFactory, ImageFactory, default_version, embed, near, unit_vector
 from webapp import services, storage
 from webapp.models import Collection, Image, ImageStatus, Visibility
 
@@ -206,17 +206,17 @@ def ranked(public, private, settings):
     settings.SIMILAR_QE = 0
     version = default_version()
     query = unit_vector(1)
-    other = unit_vector(2)
     query_image = ImageFactory(collection=public)
     embed(query_image, query, version)
     neighbours = []
-    for weight in (0.95, 0.8, 0.6, 0.4, 0.2):
-        vector = weight * query + (1 - weight) * other
+    # Each off in its own direction: similar to the query, not near-duplicates of each other.
+    for index, weight in enumerate((0.7, 0.6, 0.5, 0.4, 0.2)):
+        vector = weight * query + (1 - weight) * unit_vector(10 + index)
         image = ImageFactory(collection=public)
         embed(image, vector / np.linalg.norm(vector), version)
         neighbours.append(image)
     secret = ImageFactory(collection=private)
-    embed(secret, query, version)
+    embed(secret, near(query, 2, spread=0.35), version)  # closer than any neighbour, not a duplicate
     return query_image, neighbours, secret
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
-from tests.factories import CollectionFactory, ImageFactory, default_version, embed, unit_vector
+from tests.factories import CollectionFactory, ImageFactory, default_version, embed, near, unit_vector
 from webapp import storage
 from webapp.models import Visibility
 
@@ -27,8 +27,8 @@ def world(owner):
         "unlisted": ImageFactory(collection=unlisted),
         "private": ImageFactory(collection=private),
     }
-    for image in (query, *twins.values()):
-        embed(image, BASE, version)
+    for seed, image in enumerate((query, *twins.values())):
+        embed(image, near(BASE, seed), version)
         for path in (image.file_path, image.thumbnail_path):
             storage.write_atomic(path, b"\xff\xd8 fake jpeg for " + image.key.encode())
     return {"query": query, "collections": {"public": public, "unlisted": unlisted, "private": private}, **twins}

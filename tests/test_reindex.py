@@ -9,7 +9,7 @@ from django.core.management import CommandError, call_command
 
 from tests.conftest import near_copy
 from tests.factories import CollectionFactory
-from webapp import ingest, services
+from webapp import embeddings, ingest, services
 from webapp.models import Embedding, EmbeddingModel, Visibility
 
 pytestmark = pytest.mark.django_db(transaction=True)  # a new version creates its index: no open transaction
@@ -51,10 +51,10 @@ def test_a_new_recipe_is_built_in_the_background_and_switched_at_once(embedded_c
 
 
 def test_a_version_that_does_not_cover_every_image_cannot_be_activated(embedded_collection) -> None:
-    partial = services.embedding_model_ensure(key="efficientnet_lite0@imagenet-1/x", backbone="efficientnet_lite0",
+    partial = embeddings.embedding_model_ensure(key="efficientnet_lite0@imagenet-1/x", backbone="efficientnet_lite0",
                                               dimensions=1280)
     with pytest.raises(ValueError, match="covers 0 of 6"):
-        services.embedding_model_activate(version=partial)
+        embeddings.embedding_model_activate(version=partial)
     assert not EmbeddingModel.objects.get(pk=partial.pk).is_active
 
 
@@ -99,6 +99,9 @@ def test_a_small_cnn_trained_here_becomes_the_web_apps_backbone(
     argv = [str(root), "--method", "cnn", "--epochs", "1", "--test-fraction", "0.4", "--out", str(out), "--no-progress"]
     assert train.main(argv) == 0
     settings.EMBEDDING_BACKBONE = f"small_cnn:{out / 'small_cnn.pt'}"
+    # One epoch on 15 drawings: every photo lands within the default backbone's near-duplicate
+    # distance of every other, which would collapse them; the threshold is per backbone.
+    settings.NEAR_DUPLICATE_DISTANCE = 0.0
     call_command("reindex", "--activate", "--no-progress", stdout=io.StringIO())
     active = EmbeddingModel.objects.get(is_active=True)
     assert active.backbone == settings.EMBEDDING_BACKBONE
@@ -109,8 +112,8 @@ def test_a_small_cnn_trained_here_becomes_the_web_apps_backbone(
 
 
 def test_vectors_too_wide_for_the_index_are_refused_with_a_clear_message() -> None:
-    with pytest.raises(ValueError, match="16384-dimensional vectors; the similarity index takes at most 2000"):
-        services.embedding_model_ensure(key="wide@1", backbone="wide", dimensions=16384)
+    with pytest.raises(ValueError, match="16384-dimensional vectors; the similarity index takes at most 4000"):
+        embeddings.embedding_model_ensure(key="wide@1", backbone="wide", dimensions=16384)
 
 
 def test_a_projection_fitted_on_the_collection_is_used_by_the_web_app(embedded_collection, client, settings,

@@ -8,7 +8,7 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.utils.html import format_html
 
-from webapp import curation, services
+from webapp import curation, embeddings, services
 from webapp.forms import MoveImagesForm
 from webapp.models import ApiToken, Collection, CollectionEditor, EmbeddingModel, Image, ImageStatus
 
@@ -159,7 +159,7 @@ class EmbeddingModelAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description="Images with a vector")
     def coverage(self, obj: EmbeddingModel) -> str:
-        covered, total = services.embedding_model_coverage(version=obj)
+        covered, total = embeddings.embedding_model_coverage(version=obj)
         return f"{covered} / {total}"
 
     @admin.action(description="Make the selected version the one searches use")
@@ -168,7 +168,7 @@ class EmbeddingModelAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             self.message_user(request, "Select exactly one version.", messages.ERROR)
             return
         try:
-            services.embedding_model_activate(version=queryset.get())
+            embeddings.embedding_model_activate(version=queryset.get())
         except ValueError as exc:
             self.message_user(request, f"{exc} (manage.py reindex).", messages.ERROR)
             return

@@ -19,7 +19,7 @@ from ninja.responses import Status
 from ninja.security import HttpBearer
 
 from retrieval.errors import ImageRejected
-from webapp import ratelimit, selectors, services
+from webapp import ratelimit, selectors, services, similarity
 from webapp.models import Collection, Image, Visibility
 
 
@@ -424,7 +424,7 @@ def images_similar(request: HttpRequest, key: str, query: Query[SimilarQuery]) -
         raise ApiError(400, "invalid_request", "k: must be between 1 and 100")
     image = selectors.image_for_viewer(key=key, viewer=viewer)
     version = selectors.active_model_version()
-    results = selectors.image_similar(
+    results = similarity.image_similar(
         image=image, viewer=viewer, k=query.k, collection_ids=_collection_ids(query.collection, viewer),
         version=version,
     )
@@ -462,7 +462,7 @@ def search(
     version = selectors.active_model_version()
     if version is None or version.key != model_key:
         return Status(200, {"model": version.key if version else None, "results": []})
-    results = selectors.vector_similar(
+    results = similarity.vector_similar(
         vector=vector, version=version, viewer=viewer, k=k, collection_ids=collection_ids
     )
     return Status(200, {

@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass, field
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 
-from webapp.models import Collection, Embedding, Image
+from webapp.models import Collection, Embedding, Image, NearDuplicate
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ def images_move(*, image_ids: list[int], target: Collection) -> MoveSummary:
             summary.moved.append(image)
         # An augmented vector averages neighbours from its old collection; until the refresh
         # below runs, fall back to the image's own vector so nothing of the source leaks.
-        Embedding.objects.filter(image__in=summary.moved).update(augmented=F("vector"))
+        Embedding.objects.filter(image__in=summary.moved).update(augmented=F("vector"), collection=target)
+        # A near-duplicate pair belongs to one collection; the refresh finds the new ones.
+        NearDuplicate.objects.filter(Q(first__in=summary.moved) | Q(second__in=summary.moved)).delete()
         for collection_id in sources | ({target.pk} if summary.moved else set()):
             transaction.on_commit(lambda cid=collection_id: _refresh(cid), robust=True)
     return summary

@@ -22,7 +22,7 @@ from retrieval import imaging
 from retrieval.errors import ImageRejected
 from retrieval.preprocessing import resize_for
 from webapp import pipeline, storage, tagging
-from webapp.models import Embedding, Image, ImageStatus
+from webapp.models import Image, ImageStatus
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def decode(job: Job, recipe: pipeline.Recipe) -> Decoded:
 
 def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: bool) -> int:
     """Embed the decoded images as one batch and store thumbnails, vectors and statuses."""
-    from webapp import services
+    from webapp import embeddings, services
 
     failed = [item for item in decoded if item.error]
     for item in failed:
@@ -97,7 +97,7 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
         return 0
     embedded = recipe.embed([item.picture for item in good if item.picture is not None])
     vectors = embedded.vectors
-    version = services.embedding_model_ensure(
+    version = embeddings.embedding_model_ensure(
         key=recipe.key, backbone=recipe.spec.name, dimensions=recipe.dimensions
     )
     thumbnails = {}
@@ -112,14 +112,11 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
     ]
     with transaction.atomic():
         alive = set(Image.objects.select_for_update().filter(pk__in=thumbnails).values_list("pk", flat=True))
-        rows = [
-            Embedding(image_id=item.job.image_id, model_version=version, vector=vector, augmented=aug)
+        embeddings.embeddings_store(version=version, rows=[
+            embeddings.VectorRow(item.job.image_id, item.job.collection_id, vector, aug)
             for item, vector, aug in zip(good, vectors, augmented, strict=True)
             if item.job.image_id in alive
-        ]
-        Embedding.objects.bulk_create(
-            rows, update_conflicts=True, unique_fields=["image", "model_version"], update_fields=["vector", "augmented"]
-        )
+        ])
         if embedded.logits is not None and recipe.spec.imagenet_head:
             tagging.images_tags_replace({
                 item.job.image_id: tagging.tags_from_logits(embedded.logits[index])
@@ -171,12 +168,12 @@ def reindex_batch(*, version_key: str, limit: int, skip: set[int] | None = None)
     Statuses are left alone: the images stay searchable with the active version meanwhile.
     Returns the ids it tried (empty when the version covers every ready image but `skip`).
     """
-    from webapp import services
+    from webapp import embeddings
 
     recipe = pipeline.recipe()
     if recipe.key != version_key:
         raise ValueError(f"the configured recipe is {recipe.key!r}, not {version_key!r}")
-    version = services.embedding_model_ensure(key=recipe.key, backbone=recipe.spec.name, dimensions=recipe.dimensions)
+    version = embeddings.embedding_model_ensure(key=recipe.key, backbone=recipe.spec.name, dimensions=recipe.dimensions)
     rows = list(
         Image.objects.filter(status=ImageStatus.READY)
         .exclude(embeddings__model_version=version)
@@ -191,11 +188,15 @@ def reindex_batch(*, version_key: str, limit: int, skip: set[int] | None = None)
     good = [item for item in decoded if not item.error and item.picture is not None]
     if good:
         vectors = recipe.embed([item.picture for item in good if item.picture is not None]).vectors
-        Embedding.objects.bulk_create(
-            [Embedding(image_id=item.job.image_id, model_version=version, vector=v, augmented=v)
-             for item, v in zip(good, vectors, strict=True)],
-            update_conflicts=True, unique_fields=["image", "model_version"], update_fields=["vector", "augmented"],
-        )
+        with transaction.atomic():
+            # Only images still there and ready get a vector (one deleted meanwhile has no row to point at).
+            alive = set(Image.objects.select_for_update().filter(
+                pk__in=[item.job.image_id for item in good], status=ImageStatus.READY
+            ).values_list("pk", flat=True))
+            embeddings.embeddings_store(version=version, rows=[
+                embeddings.VectorRow(item.job.image_id, item.job.collection_id, v, v)
+                for item, v in zip(good, vectors, strict=True) if item.job.image_id in alive
+            ])
     for item in decoded:
         if item.error:
             logger.warning("re-index skipped image %s: %s", item.job.image_id, item.error)

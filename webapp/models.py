@@ -6,7 +6,7 @@ import secrets
 
 from django.conf import settings
 from django.db import models
-from pgvector.django import VectorField
+from pgvector.django import HalfVectorField, VectorField
 
 
 def new_key() -> str:
@@ -165,24 +165,36 @@ class EmbeddingModel(models.Model):
 
     @property
     def index_name(self) -> str:
-        return f"embedding_augmented_hnsw_v{self.pk}"
+        from webapp.vector_index import index_name
+
+        return index_name(self.pk)
 
 
 class Embedding(models.Model):
+    """An image's vector under one model version; a row exists only while the image is searchable."""
+
     image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="embeddings")
     model_version = models.ForeignKey(EmbeddingModel, on_delete=models.PROTECT, related_name="+")
-    # Untyped so that versions of different dimensions share the table; each version gets
-    # its own partial HNSW index over `vector::vector(dim)` (see services.embedding_model_ensure).
+    # A copy of image.collection_id (services keep it in step): the similarity query filters on
+    # it inside the one table its index covers, with no join per candidate (docs/search.md).
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="+", db_index=False)
+    # The raw CNN vector, float32. Untyped so that versions of different dimensions share the
+    # table; stored out of line (STORAGE EXTERNAL): only re-ranking refreshes read it.
     vector = VectorField()
     # The vector searches use: `vector` averaged with its nearest neighbours in its own collection
-    # (database-side augmentation, SIMILAR_DBA); equal to `vector` when that is off.
-    augmented = VectorField()
+    # (database-side augmentation, SIMILAR_DBA); equal to `vector` when that is off. Half precision
+    # (measured: same recall, half the index, faster build; docs/search.md), kept inline in the
+    # heap row (STORAGE MAIN) so exact scans do not chase TOAST pointers. Each version has a
+    # partial HNSW index over `augmented::halfvec(dim)` (services.embedding_index_build).
+    augmented = HalfVectorField()
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["image", "model_version"], name="embedding_unique_per_version")
         ]
+        # Exact scans and the filter-size estimate of filtered searches (webapp.similarity).
+        indexes = [models.Index(fields=["model_version", "collection"], name="embedding_version_collection")]
 
     def __str__(self) -> str:
         return f"{self.image_id} @ {self.model_version_id}"
@@ -209,3 +221,37 @@ class ApiToken(models.Model):
     @property
     def is_active(self) -> bool:
         return self.revoked_at is None
+
+
+class NearDuplicate(models.Model):
+    """Two images of one collection whose raw vectors are closer than NEAR_DUPLICATE_DISTANCE."""
+
+    class Status(models.TextChoices):
+        OPEN = "open", "To review"
+        DISMISSED = "dismissed", "Not duplicates"
+
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="near_duplicates")
+    # The pair in id order (first < second), so a pair is stored once however it was found.
+    first = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="+")
+    second = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="+")
+    distance = models.FloatField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    found_at = models.DateTimeField(auto_now_add=True)
+    reviewed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["distance", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["first", "second"], name="near_duplicate_pair_unique"),
+            models.CheckConstraint(
+                condition=models.Q(first__lt=models.F("second")), name="near_duplicate_pair_ordered"
+            ),
+        ]
+        indexes = [models.Index(fields=["collection", "status"], name="near_duplicate_review")]
+
+    def __str__(self) -> str:
+        return f"{self.first_id} ~ {self.second_id} ({self.distance:.3f})"
+

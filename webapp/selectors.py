@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
-from django.conf import settings
-from django.db import connection, transaction
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404
 
-from retrieval.reranking import expand_query
 from webapp.models import (
     ApiToken,
     Collection,
     CollectionEditor,
-    Embedding,
     EmbeddingModel,
     Image,
     ImageStatus,
@@ -35,17 +29,7 @@ class Viewer(Protocol):
     is_superuser: bool
 
 
-@dataclass(frozen=True)
-class SimilarImage:
-    image: Image
-    similarity: float
-
-    @property
-    def percent(self) -> int:
-        return max(0, min(100, round(self.similarity * 100)))
-
-
-def _is_admin(viewer: Viewer) -> bool:
+def is_admin(viewer: Viewer) -> bool:
     return bool(viewer.is_authenticated and (viewer.is_staff or viewer.is_superuser))
 
 
@@ -55,12 +39,12 @@ def collections_listed_for(viewer: Viewer) -> QuerySet[Collection]:
         image_count=Count("images", distinct=True),
         ready_count=Count("images", filter=Q(images__status=ImageStatus.READY), distinct=True),
     )
-    if _is_admin(viewer):
+    if is_admin(viewer):
         return queryset
-    return queryset.filter(_listed_q(viewer))
+    return queryset.filter(listed_filter(viewer))
 
 
-def _listed_q(viewer: Viewer, prefix: str = "") -> Q:
+def listed_filter(viewer: Viewer, prefix: str = "") -> Q:
     """Public, owned or shared with the viewer: the rule for listings and similar results."""
     visible = Q(**{f"{prefix}visibility": Visibility.PUBLIC})
     if viewer.is_authenticated:
@@ -96,7 +80,7 @@ def can_view_collection(viewer: Viewer, collection: Collection) -> bool:
 
 def can_manage(viewer: Viewer, collection: Collection) -> bool:
     """The owner and admins change a collection's settings and editors, or delete it."""
-    return _is_admin(viewer) or bool(viewer.is_authenticated and collection.owner_id == viewer.pk)
+    return is_admin(viewer) or bool(viewer.is_authenticated and collection.owner_id == viewer.pk)
 
 
 def can_curate(viewer: Viewer, collection: Collection) -> bool:
@@ -220,8 +204,8 @@ def image_neighbours(*, image: Image) -> tuple[Image | None, Image | None]:
 def tag_images(*, label: str, viewer: Viewer) -> QuerySet[Image]:
     """Return the ready images with a tag among those that may be shown to the viewer as results."""
     images = Image.objects.filter(tags__label=label, status=ImageStatus.READY).select_related("collection")
-    if not _is_admin(viewer):
-        images = images.filter(_listed_q(viewer, prefix="collection__"))
+    if not is_admin(viewer):
+        images = images.filter(listed_filter(viewer, prefix="collection__"))
     return images.order_by("-created_at", "-id")
 
 
@@ -246,125 +230,3 @@ def images_status(*, collection: Collection, keys: Sequence[str]) -> list[Image]
 def active_model_version() -> EmbeddingModel | None:
     """Return the model version whose vectors searches use, or None before any exists."""
     return EmbeddingModel.objects.filter(is_active=True).first()
-
-
-def image_vector(*, image: Image, version: EmbeddingModel) -> list[float] | None:
-    """Return the vector an image searches with (its augmented one) for a model version."""
-    row = Embedding.objects.filter(image=image, model_version=version).values_list("augmented", flat=True).first()
-    return None if row is None else [float(x) for x in row]
-
-
-def vector_similar(
-    *,
-    vector: Sequence[float],
-    version: EmbeddingModel,
-    viewer: Viewer,
-    k: int,
-    collection_ids: Sequence[int] | None = None,
-    exclude_image_id: int | None = None,
-    expand: int | None = None,
-) -> list[SimilarImage]:
-    """Return the k images nearest to `vector` among those the viewer may see, re-ranked.
-
-    With query expansion (`expand`, default SIMILAR_QE), the query is averaged with its first
-    results' vectors — only ones the viewer may see — and searched again (docs/quality.md).
-    """
-    n = settings.SIMILAR_QE if expand is None else expand
-    query = np.asarray(vector, dtype=np.float32)
-    if n > 0:
-        first = _nearest(vector=query, version=version, viewer=viewer, k=n, collection_ids=collection_ids,
-                         exclude_image_id=exclude_image_id, with_vectors=True)
-        if first:
-            query = expand_query(query, np.stack([vec for _, _, vec in first]), n=n, alpha=settings.SIMILAR_ALPHA)
-    rows = _nearest(vector=query, version=version, viewer=viewer, k=k, collection_ids=collection_ids,
-                    exclude_image_id=exclude_image_id)
-    images = Image.objects.select_related("collection").in_bulk([image_id for image_id, _, _ in rows])
-    return [
-        SimilarImage(image=images[image_id], similarity=1.0 - float(distance))
-        for image_id, distance, _ in rows
-        if image_id in images
-    ]
-
-
-def _nearest(
-    *,
-    vector: np.ndarray,
-    version: EmbeddingModel,
-    viewer: Viewer,
-    k: int,
-    collection_ids: Sequence[int] | None,
-    exclude_image_id: int | None,
-    with_vectors: bool = False,
-) -> list[tuple[int, float, np.ndarray]]:
-    """Return (image id, cosine distance, augmented vector or empty) of the k nearest, in order.
-
-    The visibility filter is part of the SQL; HNSW's iterative scan keeps reading the
-    graph until k rows pass it, and the outer query restores exact distance order.
-    """
-    dim = int(version.dimensions)
-    if len(vector) != dim:
-        raise ValueError(f"expected a vector of {dim} dimensions, got {len(vector)}")
-    literal = "[" + ",".join(repr(float(x)) for x in vector) + "]"
-    # The version id is inlined as the same integer literal as the partial index's WHERE: a bound
-    # parameter arrives as bigint, and PostgreSQL then cannot prove the index's predicate.
-    where = [f"e.model_version_id = {int(version.pk)}", "i.status = 'ready'"]
-    params: dict[str, object] = {"query": literal, "k": int(k)}
-    if not _is_admin(viewer):
-        if viewer.is_authenticated:
-            where.append("(c.visibility = 'public' OR c.owner_id = %(viewer)s OR EXISTS (SELECT 1 FROM "
-                         "simili_collectioneditor ed WHERE ed.collection_id = c.id AND ed.user_id = %(viewer)s))")
-            params["viewer"] = viewer.pk
-        else:
-            where.append("c.visibility = 'public'")
-    if collection_ids is not None:
-        where.append("i.collection_id = ANY(%(collections)s)")
-        params["collections"] = list(collection_ids)
-    if exclude_image_id is not None:
-        where.append("i.id <> %(exclude)s")
-        params["exclude"] = exclude_image_id
-    extra = ", e.augmented::text AS augmented" if with_vectors else ""
-    sql = f"""
-        WITH nearest AS MATERIALIZED (
-            SELECT i.id AS image_id,
-                   e.augmented::vector({dim}) <=> %(query)s::vector({dim}) AS distance{extra}
-            FROM simili_embedding e
-            JOIN simili_image i ON i.id = e.image_id
-            JOIN simili_collection c ON c.id = i.collection_id
-            WHERE {' AND '.join(where)}
-            ORDER BY e.augmented::vector({dim}) <=> %(query)s::vector({dim})
-            LIMIT %(k)s
-        )
-        SELECT * FROM nearest ORDER BY distance
-    """
-    with transaction.atomic(), connection.cursor() as cursor:
-        # SET LOCAL lasts until the end of this transaction and touches no other query.
-        cursor.execute("SET LOCAL hnsw.ef_search = %s", [int(settings.HNSW_EF_SEARCH)])
-        cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
-    empty = np.zeros(0, dtype=np.float32)
-    return [
-        (row[0], float(row[1]), np.array(row[2].strip("[]").split(","), dtype=np.float32) if with_vectors else empty)
-        for row in rows
-    ]
-
-
-def image_similar(
-    *,
-    image: Image,
-    viewer: Viewer,
-    k: int | None = None,
-    collection_ids: Sequence[int] | None = None,
-    version: EmbeddingModel | None = None,
-) -> list[SimilarImage]:
-    """Return the images most similar to a stored image, among those the viewer may see."""
-    version = version or active_model_version()
-    if version is None or not image.is_ready:
-        return []
-    vector = image_vector(image=image, version=version)
-    if vector is None:
-        return []
-    return vector_similar(
-        vector=vector, version=version, viewer=viewer, k=k or settings.SIMILAR_K,
-        collection_ids=collection_ids, exclude_image_id=image.pk,
-    )

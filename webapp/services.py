@@ -304,65 +304,12 @@ def image_reembed(*, image_ids: list[int]) -> int:
     ids = list(Image.objects.filter(pk__in=image_ids).values_list("pk", flat=True))
     with transaction.atomic():
         Image.objects.filter(pk__in=ids).update(status=ImageStatus.PENDING, error="", attempts=0)
+        # A vector row exists only while its image is searchable: the similarity query then
+        # reads one table and skips nothing (docs/search.md).
+        Embedding.objects.filter(image_id__in=ids).delete()
         for image_id in ids:
             _enqueue_on_commit(image_id, queue=BULK_QUEUE)
     return len(ids)
-
-
-#: pgvector's HNSW index takes vectors of at most 2,000 dimensions.
-MAX_INDEXED_DIMENSIONS = 2000
-
-
-def embedding_model_ensure(*, key: str, backbone: str, dimensions: int) -> EmbeddingModel:
-    """Return the model version row for a recipe key, creating it and its HNSW index once."""
-    if dimensions > MAX_INDEXED_DIMENSIONS:
-        raise ValueError(
-            f"{backbone} makes {dimensions}-dimensional vectors; the similarity index takes at most "
-            f"{MAX_INDEXED_DIMENSIONS}. Add a projection (EMBEDDING_PROJECTION, from python -m retrieval.train "
-            "--method projection) that maps them to fewer dimensions."
-        )
-    version, created = EmbeddingModel.objects.get_or_create(
-        key=key, defaults={"backbone": backbone, "dimensions": dimensions}
-    )
-    if created:
-        with connection.cursor() as cursor:
-            # One partial index per version: each has its own dimension, and a query that
-            # repeats the WHERE and the cast is answered by this version's graph alone.
-            cursor.execute(
-                f"CREATE INDEX IF NOT EXISTS {version.index_name} ON simili_embedding "
-                f"USING hnsw ((augmented::vector({int(version.dimensions)})) vector_cosine_ops) "
-                f"WHERE model_version_id = {int(version.pk)}"
-            )
-    if not version.is_active and not EmbeddingModel.objects.filter(is_active=True).exists():
-        try:
-            with transaction.atomic():
-                EmbeddingModel.objects.filter(pk=version.pk).update(is_active=True)
-                version.is_active = True
-        except IntegrityError:
-            pass  # another worker activated a version first
-    return version
-
-
-def embedding_model_coverage(*, version: EmbeddingModel) -> tuple[int, int]:
-    """Return (ready images with a vector of this version, ready images)."""
-    ready = Image.objects.filter(status=ImageStatus.READY)
-    return ready.filter(embeddings__model_version=version).count(), ready.count()
-
-
-def embedding_model_activate(*, version: EmbeddingModel) -> None:
-    """Make `version` the one searches use, at once for every query, once it covers every image.
-
-    Raises ValueError while some ready image has no vector of this version.
-    """
-    covered, total = embedding_model_coverage(version=version)
-    if covered < total:
-        raise ValueError(f"version {version.key} covers {covered} of {total} ready images; re-index first")
-    with transaction.atomic():
-        EmbeddingModel.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
-        EmbeddingModel.objects.filter(pk=version.pk).update(is_active=True)
-    version.is_active = True
-    for collection_id in Collection.objects.values_list("pk", flat=True):
-        schedule_augment(collection_id)
 
 
 def _collection_neighbours(*, vector: np.ndarray, version: EmbeddingModel, collection_id: int, exclude: int, n: int):
@@ -371,9 +318,9 @@ def _collection_neighbours(*, vector: np.ndarray, version: EmbeddingModel, colle
     literal = "[" + ",".join(repr(float(x)) for x in vector) + "]"
     with connection.cursor() as cursor:
         cursor.execute(
-            f"""SELECT e.vector::text FROM simili_embedding e JOIN simili_image i ON i.id = e.image_id
-                WHERE e.model_version_id = %s AND i.collection_id = %s AND i.id <> %s
-                ORDER BY e.vector::vector({dim}) <=> %s::vector({dim}) LIMIT %s""",
+            f"""SELECT vector::text FROM simili_embedding
+                WHERE model_version_id = %s AND collection_id = %s AND image_id <> %s
+                ORDER BY vector::vector({dim}) <=> %s::vector({dim}) LIMIT %s""",
             [version.pk, collection_id, exclude, literal, n],
         )
         rows = [np.array(row[0].strip("[]").split(","), dtype=np.float32) for row in cursor.fetchall()]
@@ -399,32 +346,41 @@ def collection_augment(*, collection_id: int) -> int:
 
     Each image's vector is averaged with its SIMILAR_DBA nearest neighbours in the same
     collection, never across collections, so a public image's vector never carries a private one.
+    The same pass records the collection's near-duplicate pairs (webapp.duplicates).
     """
+    from webapp import duplicates
+
     version = EmbeddingModel.objects.filter(is_active=True).first()
     if version is None:
         return 0
     rows = list(
-        Embedding.objects.filter(model_version=version, image__collection_id=collection_id)
+        Embedding.objects.filter(model_version=version, collection_id=collection_id)
         .order_by("image_id")
         .only("id", "image_id", "vector", "augmented")
     )
     if not rows:
+        duplicates.duplicates_record(collection_id=collection_id, pairs=[])
         return 0
     vectors = np.stack([np.asarray(row.vector, dtype=np.float32) for row in rows])
+    image_ids = [row.image_id for row in rows]
     n = min(settings.SIMILAR_DBA, len(rows) - 1)
     augmented = vectors.copy()
-    if n > 0:
-        for start in range(0, len(rows), AUGMENT_CHUNK):
-            chunk = vectors[start:start + AUGMENT_CHUNK]
-            scores = chunk @ vectors.T
-            scores[np.arange(len(chunk)), np.arange(start, start + len(chunk))] = -np.inf  # not itself
+    pairs: list[tuple[int, int, float]] = []
+    for start in range(0, len(rows), AUGMENT_CHUNK):
+        chunk = vectors[start:start + AUGMENT_CHUNK]
+        scores = chunk @ vectors.T
+        scores[np.arange(len(chunk)), np.arange(start, start + len(chunk))] = -np.inf  # not itself
+        pairs.extend(duplicates.pairs_in(scores, image_ids, offset=start))
+        if n > 0:
             ranking = np.argsort(-scores, axis=1, kind="stable")[:, :n]
             augmented[start:start + len(chunk)] = expand_queries(
                 chunk, vectors, ranking, n=n, alpha=settings.SIMILAR_ALPHA
             )
+    duplicates.duplicates_record(collection_id=collection_id, pairs=pairs)
     changed = []
     for row, new in zip(rows, augmented, strict=True):
-        if not np.allclose(np.asarray(row.augmented, dtype=np.float32), new, atol=1e-6):
+        # Stored in half precision: a difference below its resolution is no change.
+        if not np.allclose(np.asarray(row.augmented, dtype=np.float32), new, atol=1e-3):
             row.augmented = new
             changed.append(row)
     Embedding.objects.bulk_update(changed, ["augmented"], batch_size=500)
@@ -433,8 +389,11 @@ def collection_augment(*, collection_id: int) -> int:
 
 
 def schedule_augment(collection_id: int) -> None:
-    """Refresh the collection's augmented vectors once uploads settle (one refresh per burst)."""
-    if settings.SIMILAR_DBA == 0:
+    """Refresh the collection's augmented vectors and near-duplicates once uploads settle.
+
+    One refresh per burst of uploads, not one per image.
+    """
+    if settings.SIMILAR_DBA == 0 and settings.NEAR_DUPLICATE_DISTANCE <= 0:
         return
     from django.core.cache import cache
 

@@ -7,6 +7,7 @@ stops start-up with `ImproperlyConfigured` naming the variable and what it accep
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 from urllib.parse import urlparse
@@ -287,6 +288,22 @@ AUGMENT_DELAY = env_float("AUGMENT_DELAY", 10.0, minimum=0.0)
 # ef_search bounds how many candidates HNSW keeps; 100 gives recall@12 near 0.99 at
 # small scale and costs about 1 ms; the iterative scan goes deeper when filters drop rows.
 HNSW_EF_SEARCH = env_int("HNSW_EF_SEARCH", 100, minimum=1, maximum=1000)
+# Graph degree and build-time candidate list of each version's HNSW index (pgvector's defaults,
+# kept after measuring at 100k and 1M rows: docs/benchmarks.md); changing them applies to
+# indexes built afterwards (manage.py reindex --rebuild-index).
+HNSW_M = env_int("HNSW_M", 16, minimum=2, maximum=100)
+HNSW_EF_CONSTRUCTION = env_int("HNSW_EF_CONSTRUCTION", 64, minimum=4, maximum=1000)
+# Memory for one index build (maintenance_work_mem): a build whose graph fits is several times
+# faster; 1M x 1280-d halfvec needs about 3 GB.
+HNSW_BUILD_MEMORY = env_str("HNSW_BUILD_MEMORY", "1GB")
+if not re.fullmatch(r"[1-9][0-9]*(kB|MB|GB)", HNSW_BUILD_MEMORY):
+    raise ImproperlyConfigured(f"HNSW_BUILD_MEMORY: expected a size such as 512MB or 2GB, got {HNSW_BUILD_MEMORY!r}")
+# A filtered search over at most this many rows computes every distance exactly (recall 1.0,
+# bounded time); above it, HNSW with an iterative scan. Measured crossover: docs/benchmarks.md.
+EXACT_SEARCH_MAX_ROWS = env_int("EXACT_SEARCH_MAX_ROWS", 20000, minimum=0)
+# Two images whose raw vectors are closer than this cosine distance are near-duplicates
+# (re-encoded, resized, lightly cropped copies): grouped for review and collapsed in results.
+NEAR_DUPLICATE_DISTANCE = env_float("NEAR_DUPLICATE_DISTANCE", 0.05, minimum=0.0)
 SEARCH_TIMEOUT = env_float("SEARCH_TIMEOUT", 20.0, minimum=0.1)
 PAGE_SIZE = env_int("PAGE_SIZE", 48, minimum=1, maximum=500)
 

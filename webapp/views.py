@@ -16,7 +16,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from retrieval.errors import ImageRejected
-from webapp import ratelimit, selectors, services, sharing, storage
+from webapp import ratelimit, selectors, services, sharing, similarity, storage
 from webapp.forms import CollectionForm, CollectionSettingsForm, EditorAddForm, SearchForm, SignupForm
 from webapp.models import Collection, Image, ImageStatus
 
@@ -261,7 +261,7 @@ def collection_status(request: HttpRequest, key: str) -> JsonResponse:
 @require_GET
 def image_detail(request: HttpRequest, key: str) -> HttpResponse:
     image = selectors.image_for_viewer(key=key, viewer=request.user)
-    similar = selectors.image_similar(image=image, viewer=request.user)
+    similar = similarity.image_similar(image=image, viewer=request.user)
     newer, older = selectors.image_neighbours(image=image)
     return render(
         request,
@@ -413,7 +413,7 @@ def search(request: HttpRequest) -> HttpResponse:
             if version is None or version.key != model_key:
                 context["results"] = []
             else:
-                context["results"] = selectors.vector_similar(
+                context["results"] = similarity.vector_similar(
                     vector=vector, version=version, viewer=request.user,
                     k=settings.SIMILAR_K, collection_ids=collection_ids,
                 )

@@ -8,7 +8,7 @@ from django.shortcuts import render
 from django.views.decorators.clickjacking import xframe_options_exempt
 from django.views.decorators.http import require_GET
 
-from webapp import selectors
+from webapp import selectors, similarity
 from webapp.models import Visibility
 
 #: Thumbnails an iframe shows unless ?limit= asks for another number (1..24).
@@ -23,7 +23,7 @@ def embed_similar(request: HttpRequest, key: str) -> HttpResponse:
         limit = max(1, min(24, int(request.GET.get("limit", DEFAULT_EMBED_LIMIT))))
     except ValueError:
         limit = DEFAULT_EMBED_LIMIT
-    similar = selectors.image_similar(image=image, viewer=request.user, k=limit)
+    similar = similarity.image_similar(image=image, viewer=request.user, k=limit)
     response = render(request, "embed_similar.html", {"image": image, "similar": similar})
     collection = image.collection
     if collection.visibility == Visibility.PUBLIC and settings.WIDGET_PUBLIC_ANY_ORIGIN:

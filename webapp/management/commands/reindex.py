@@ -8,7 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from webapp import ingest, pipeline, services
+from webapp import embeddings, ingest, pipeline
 from webapp.models import EmbeddingModel, Image, ImageStatus
 
 #: Images embedded per round; each round is one batch through the CNN.
@@ -27,20 +27,20 @@ class Command(BaseCommand):
         total = Image.objects.filter(status=ImageStatus.READY).count()
         self.stdout.write(f"re-indexing {total} ready image(s) as {recipe.key}")
         with tqdm(total=total, unit="img", disable=options["no_progress"]) as bar:
-            version = services.embedding_model_ensure(
+            version = embeddings.embedding_model_ensure(
                 key=recipe.key, backbone=recipe.spec.name, dimensions=recipe.dimensions
             )
-            bar.update(services.embedding_model_coverage(version=version)[0])
+            bar.update(embeddings.embedding_model_coverage(version=version)[0])
             tried: set[int] = set()  # an image that fails to decode is tried once, then reported
             while batch := ingest.reindex_batch(version_key=recipe.key, limit=REINDEX_BATCH, skip=tried):
                 tried.update(batch)
                 bar.update(len(batch))
-        covered, total = services.embedding_model_coverage(version=version)
+        covered, total = embeddings.embedding_model_coverage(version=version)
         self.stdout.write(f"{version.key}: {covered} of {total} ready image(s) have a vector.")
         active = EmbeddingModel.objects.filter(is_active=True).first()
         if options["activate"] and (active is None or active.pk != version.pk):
             try:
-                services.embedding_model_activate(version=version)
+                embeddings.embedding_model_activate(version=version)
             except ValueError as exc:
                 raise CommandError(str(exc)) from exc
             self.stdout.write(f"searches now use {version.key} (was {active.key if active else 'none'}).")

@@ -1,0 +1,124 @@
+"""Near-duplicates: found while a collection's vectors are refreshed, reviewed by its owner.
+
+Exact copies never get this far (the upload is matched by its SHA-256 within the collection);
+these are re-encoded, resized or lightly cropped copies, whose raw vectors are closer than
+NEAR_DUPLICATE_DISTANCE (cosine distance; measured in docs/search.md). A reviewer keeps one
+image of a group (the others are deleted) or marks a pair as not duplicates, which is
+remembered: it is neither proposed again nor collapsed in similar-image results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from webapp.models import Collection, Image, NearDuplicate
+
+Pair = tuple[int, int, float]
+
+
+def pairs_in(scores: np.ndarray, image_ids: Sequence[int], *, offset: int) -> list[Pair]:
+    """Return (first id, second id, distance) for each pair of rows closer than the threshold.
+
+    `scores` holds cosine similarities of rows offset..offset+len(scores) against all rows.
+    """
+    threshold = float(settings.NEAR_DUPLICATE_DISTANCE)
+    if threshold <= 0:
+        return []
+    rows, cols = np.nonzero(scores > 1.0 - threshold)
+    pairs = []
+    for row, col in zip(rows.tolist(), cols.tolist(), strict=True):
+        i, j = row + offset, col
+        if i < j:  # each pair once: the other row of the pair sees it as j < i
+            a, b = sorted((image_ids[i], image_ids[j]))
+            pairs.append((a, b, max(0.0, 1.0 - float(scores[row, col]))))
+    return pairs
+
+
+def duplicates_record(*, collection_id: int, pairs: Sequence[Pair]) -> int:
+    """Store the collection's current near-duplicate pairs; drop open ones that no longer hold.
+
+    Dismissed pairs stay as they are: a reviewer's answer outlives re-indexing.
+    """
+    found = {(a, b): distance for a, b, distance in pairs}
+    with transaction.atomic():
+        stale = NearDuplicate.objects.filter(collection_id=collection_id, status=NearDuplicate.Status.OPEN)
+        for pk, a, b in stale.values_list("pk", "first_id", "second_id"):
+            if (a, b) not in found:
+                NearDuplicate.objects.filter(pk=pk).delete()
+        NearDuplicate.objects.bulk_create(
+            [NearDuplicate(collection_id=collection_id, first_id=a, second_id=b, distance=d) for (a, b), d in
+             found.items()],
+            ignore_conflicts=True,
+        )
+    return len(found)
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Images linked by open near-duplicate pairs, and those pairs."""
+
+    images: list[Image]
+    pairs: list[NearDuplicate]
+
+
+def duplicate_groups(*, collection: Collection) -> list[DuplicateGroup]:
+    """Return the collection's groups of near-duplicates still to review, closest first."""
+    pairs = list(
+        NearDuplicate.objects.filter(collection=collection, status=NearDuplicate.Status.OPEN)
+        .select_related("first", "second").order_by("distance", "id")
+    )
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for pair in pairs:
+        parent[root(pair.first_id)] = root(pair.second_id)
+    groups: dict[int, DuplicateGroup] = {}
+    for pair in pairs:
+        group = groups.setdefault(root(pair.first_id), DuplicateGroup(images=[], pairs=[]))
+        group.pairs.append(pair)
+        for image in (pair.first, pair.second):
+            if image not in group.images:
+                group.images.append(image)
+    return list(groups.values())
+
+
+def duplicate_pair(*, collection: Collection, pair_id: int) -> NearDuplicate | None:
+    return NearDuplicate.objects.filter(collection=collection, pk=pair_id).first()
+
+
+def duplicate_dismiss(*, pair: NearDuplicate, reviewer: object) -> None:
+    """Remember that two images are not duplicates."""
+    pair.status = NearDuplicate.Status.DISMISSED
+    pair.reviewed_by = reviewer  # type: ignore[assignment]
+    pair.reviewed_at = timezone.now()
+    pair.save(update_fields=["status", "reviewed_by", "reviewed_at"])
+
+
+def duplicate_keep(*, collection: Collection, keep: Image) -> list[Image]:
+    """Keep one image of its group of open near-duplicates and delete the others; return them."""
+    from webapp import services
+
+    group = next((g for g in duplicate_groups(collection=collection) if keep in g.images), None)
+    if group is None:
+        return []
+    # Only images linked by an open pair are in the group; dismissed pairs never join one.
+    removed = [image for image in group.images if image.pk != keep.pk]
+    for image in removed:
+        services.image_delete(image=image)
+    return removed
+
+
+def open_duplicate_count(*, collection: Collection) -> int:
+    return NearDuplicate.objects.filter(collection=collection, status=NearDuplicate.Status.OPEN).count()
+

@@ -1,0 +1,173 @@
+"""Writes for vectors: model versions, their HNSW indexes, and the embedding rows themselves."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+
+from webapp import vector_index
+from webapp.models import Embedding, EmbeddingModel, Image, ImageStatus
+
+logger = logging.getLogger(__name__)
+
+MAX_INDEXED_DIMENSIONS = vector_index.MAX_INDEXED_DIMENSIONS
+
+
+@dataclass(frozen=True)
+class VectorRow:
+    """One image's vectors for one model version, with the collection the search filters on."""
+
+    image_id: int
+    collection_id: int
+    vector: np.ndarray
+    augmented: np.ndarray
+
+
+def embedding_model_ensure(*, key: str, backbone: str, dimensions: int) -> EmbeddingModel:
+    """Return the model version row for a recipe key, creating it once.
+
+    The first version becomes active with an (empty) index that grows with each upload; a later
+    one gets its index built in one go once re-indexing has filled it (embedding_index_build),
+    which is several times faster than growing the graph one insert at a time.
+    """
+    if dimensions > MAX_INDEXED_DIMENSIONS:
+        raise ValueError(
+            f"{backbone} makes {dimensions}-dimensional vectors; the similarity index takes at most "
+            f"{MAX_INDEXED_DIMENSIONS}. Add a projection (EMBEDDING_PROJECTION, from python -m retrieval.train "
+            "--method projection) that maps them to fewer dimensions."
+        )
+    version, _ = EmbeddingModel.objects.get_or_create(
+        key=key, defaults={"backbone": backbone, "dimensions": dimensions}
+    )
+    if not version.is_active and not EmbeddingModel.objects.filter(is_active=True).exists():
+        try:
+            with transaction.atomic():
+                EmbeddingModel.objects.filter(pk=version.pk).update(is_active=True)
+                version.is_active = True
+        except IntegrityError:
+            pass  # another worker activated a version first
+    if version.is_active:
+        embedding_index_build(version=version)
+    return version
+
+
+def embedding_index_build(*, version: EmbeddingModel) -> None:
+    """Build the version's HNSW index if it has none (idempotent; quick when it exists)."""
+    with connection.cursor() as cursor:
+        if vector_index.exists(cursor, version_id=version.pk):
+            return
+        vector_index.build(
+            cursor, version_id=version.pk, dimensions=version.dimensions, m=settings.HNSW_M,
+            ef_construction=settings.HNSW_EF_CONSTRUCTION, memory=settings.HNSW_BUILD_MEMORY,
+        )
+    logger.info("built the HNSW index of %s", version.key)
+
+
+def embedding_index_exists(*, version: EmbeddingModel) -> bool:
+    with connection.cursor() as cursor:
+        return vector_index.exists(cursor, version_id=version.pk)
+
+
+def register_vector_types() -> None:
+    """Let this connection send numpy vectors in pgvector's binary format (once per connection)."""
+    raw = connection.connection
+    if not getattr(raw, "_simili_vectors", False):
+        from pgvector.psycopg import register_vector
+
+        register_vector(raw)
+        raw._simili_vectors = True  # type: ignore[union-attr]
+
+
+def binary_cursor() -> psycopg.Cursor[Any]:
+    """A server-side-binding cursor on Django's connection (same transaction): Django's own
+    cursors bind on the client side, which cannot send or receive pgvector's binary format."""
+    connection.ensure_connection()
+    register_vector_types()
+    return psycopg.Cursor(connection.connection)
+
+
+def embeddings_store(*, version: EmbeddingModel, rows: Sequence[VectorRow]) -> int:
+    """Insert or replace the vectors of a batch of images for one version; return the row count.
+
+    Binary parameters through one pipelined statement: formatting 2 x 1280 floats as text
+    cost more than the insert itself (bench/search.py loads a million rows this way).
+    """
+    if not rows:
+        return 0
+    from pgvector import HalfVector
+
+    dim = int(version.dimensions)
+    params = []
+    for row in rows:
+        if row.vector.shape != (dim,) or row.augmented.shape != (dim,):
+            raise ValueError(f"expected vectors of {dim} dimensions for {version.key}, got {row.vector.shape}")
+        params.append((row.image_id, version.pk, row.collection_id, np.asarray(row.vector, dtype=np.float32),
+                       HalfVector(np.asarray(row.augmented, dtype=np.float32))))
+    with binary_cursor() as cursor:
+        cursor.executemany(
+            """INSERT INTO simili_embedding (image_id, model_version_id, collection_id, vector, augmented, created_at)
+               VALUES (%s, %s, %s, %b, %b, now())
+               ON CONFLICT (image_id, model_version_id) DO UPDATE
+               SET collection_id = EXCLUDED.collection_id, vector = EXCLUDED.vector, augmented = EXCLUDED.augmented""",
+            params,
+        )
+    return len(params)
+
+
+def embedding_model_coverage(*, version: EmbeddingModel) -> tuple[int, int]:
+    """Return (ready images with a vector of this version, ready images)."""
+    ready = Image.objects.filter(status=ImageStatus.READY)
+    return ready.filter(embeddings__model_version=version).count(), ready.count()
+
+
+def embedding_model_activate(*, version: EmbeddingModel) -> None:
+    """Make `version` the one searches use, at once for every query, once it covers every image.
+
+    Its index is built first, so the switch never lands on a version without one. Raises
+    ValueError while some ready image has no vector of this version.
+    """
+    from webapp.models import Collection
+    from webapp.services import schedule_augment
+
+    covered, total = embedding_model_coverage(version=version)
+    if covered < total:
+        raise ValueError(f"version {version.key} covers {covered} of {total} ready images; re-index first")
+    embedding_index_build(version=version)
+    with transaction.atomic():
+        EmbeddingModel.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
+        EmbeddingModel.objects.filter(pk=version.pk).update(is_active=True)
+    version.is_active = True
+    for collection_id in Collection.objects.values_list("pk", flat=True):
+        schedule_augment(collection_id)
+
+
+#: Rows deleted per statement when a version is dropped, so no transaction holds a million locks.
+DROP_BATCH = 10000
+
+
+def embedding_model_drop(*, version: EmbeddingModel) -> int:
+    """Delete an inactive version: its index, its vectors and its row; return the vectors removed.
+
+    Raises ValueError for the active version (searches use it).
+    """
+    version.refresh_from_db()
+    if version.is_active:
+        raise ValueError(f"{version.key} is the active version; activate another one before dropping it")
+    with connection.cursor() as cursor:
+        vector_index.drop(cursor, version_id=version.pk)
+    removed = 0
+    while True:
+        ids = list(Embedding.objects.filter(model_version=version).values_list("pk", flat=True)[:DROP_BATCH])
+        if not ids:
+            break
+        removed += Embedding.objects.filter(pk__in=ids).delete()[0]
+    version.delete()
+    logger.info("dropped model version %s (%s vectors)", version.key, removed)
+    return removed

@@ -1,0 +1,317 @@
+"""Reads: the one similar-image search, and how each query reaches pgvector.
+
+Every query type (a stored image, an uploaded image or a crop of one, several positive and
+negative examples) becomes one query vector and goes through `images_search`. What the viewer
+may see is a list of collections resolved first and applied inside the SQL; the filter's size
+picks the plan (docs/search.md):
+
+- no filter (admins): the version's HNSW index;
+- a filter over at most EXACT_SEARCH_MAX_ROWS rows: every distance computed exactly, through the
+  (model_version, collection) btree: recall 1.0 in bounded time;
+- a larger filter: HNSW with an iterative scan, which keeps walking the graph until k rows pass;
+  should it still come back short, the exact plan answers instead, so k results always return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Q
+
+from retrieval.reranking import expand_query
+from webapp.embeddings import binary_cursor
+from webapp.models import Collection, EmbeddingModel, Image, NearDuplicate
+from webapp.selectors import Viewer, active_model_version, is_admin, listed_filter
+
+#: Weight of the mean negative example in a multi-example query (Rocchio's query
+#: modification: move towards what is wanted, away from what is not, never past it).
+NEGATIVE_WEIGHT = 0.5
+
+Plan = Literal["hnsw", "exact"]
+
+
+@dataclass(frozen=True)
+class SimilarImage:
+    image: Image
+    similarity: float
+
+    @property
+    def percent(self) -> int:
+        return max(0, min(100, round(self.similarity * 100)))
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """What to look for: vectors to move towards and away from, and images to leave out.
+
+    `duplicate_of` are the raw vectors of stored query images: a near-duplicate of the query
+    is the same photo again, not a similar one, and is left out too.
+    """
+
+    positives: Sequence[np.ndarray]
+    negatives: Sequence[np.ndarray] = ()
+    exclude_image_ids: Sequence[int] = ()
+    duplicate_of: Sequence[np.ndarray] = ()
+
+    def vector(self) -> np.ndarray:
+        """Return the unit query vector: mean positive minus NEGATIVE_WEIGHT x mean negative."""
+        if not len(self.positives):
+            raise ValueError("expected at least one positive example")
+        query = np.mean(np.stack([np.asarray(v, dtype=np.float32) for v in self.positives]), axis=0)
+        if len(self.negatives):
+            negative = np.mean(np.stack([np.asarray(v, dtype=np.float32) for v in self.negatives]), axis=0)
+            query = query - NEGATIVE_WEIGHT * negative
+        norm = float(np.linalg.norm(query))
+        if norm == 0.0:
+            raise ValueError("the examples cancel out: the query vector is zero")
+        return (query / norm).astype(np.float32)
+
+
+@dataclass
+class Scope:
+    """The rows a search may return: one version, optionally some collections, minus some images."""
+
+    version: EmbeddingModel
+    collection_ids: list[int] | None
+    exclude_image_ids: list[int] = field(default_factory=list)
+
+
+def search_scope(
+    *, version: EmbeddingModel, viewer: Viewer, collection_ids: Sequence[int] | None = None,
+    exclude_image_ids: Sequence[int] = (),
+) -> Scope:
+    """Resolve what the viewer may see (and asked for) into the collections a query filters on."""
+    allowed: list[int] | None = None
+    if not is_admin(viewer):
+        allowed = list(Collection.objects.filter(listed_filter(viewer)).values_list("pk", flat=True))
+    if collection_ids is not None:
+        wanted = set(collection_ids)
+        allowed = sorted(wanted if allowed is None else wanted.intersection(allowed))
+    return Scope(version=version, collection_ids=allowed, exclude_image_ids=list(exclude_image_ids))
+
+
+def _where(scope: Scope) -> tuple[str, dict[str, object]]:
+    # The version id is inlined as the same integer literal as the partial index's WHERE: a bound
+    # parameter arrives as bigint, and PostgreSQL then cannot prove the index's predicate.
+    where = [f"model_version_id = {int(scope.version.pk)}"]
+    params: dict[str, object] = {}
+    if scope.collection_ids is not None:
+        where.append("collection_id = ANY(%(collections)s)")
+        params["collections"] = scope.collection_ids
+    if scope.exclude_image_ids:
+        where.append("image_id <> ALL(%(exclude)s)")
+        params["exclude"] = scope.exclude_image_ids
+    return " AND ".join(where), params
+
+
+def choose_plan(scope: Scope) -> Plan:
+    """Exact for a filter over few rows, HNSW otherwise (a count that stops at the threshold)."""
+    if scope.collection_ids is None:
+        return "hnsw"
+    if not scope.collection_ids:
+        return "exact"
+    limit = int(settings.EXACT_SEARCH_MAX_ROWS)
+    where, params = _where(scope)
+    with connection.cursor() as cursor:
+        # An index-only scan of (model_version, collection) that reads at most limit + 1 entries.
+        cursor.execute(
+            f"SELECT count(*) FROM (SELECT 1 FROM simili_embedding WHERE {where} LIMIT %(limit)s) AS filtered",
+            {**params, "limit": limit + 1},
+        )
+        (rows,) = cursor.fetchone()
+    return "exact" if rows <= limit else "hnsw"
+
+
+def nearest(*, vector: np.ndarray, scope: Scope, k: int, plan: Plan | None = None) -> list[tuple[int, float]]:
+    """Return (image id, cosine distance) of the k nearest rows in scope, nearest first."""
+    dim = int(scope.version.dimensions)
+    if len(vector) != dim:
+        raise ValueError(f"expected a vector of {dim} dimensions, got {len(vector)}")
+    plan = plan or choose_plan(scope)
+    if scope.collection_ids == []:
+        return []
+    where, params = _where(scope)
+    params.update(query="[" + ",".join(repr(float(x)) for x in vector) + "]", k=int(k))
+    distance = f"augmented::halfvec({dim}) <=> %(query)s::halfvec({dim})"
+    # The ORDER BY repeats the index's expression verbatim and has no tie-breaker: anything
+    # else and PostgreSQL sorts every row instead of walking the graph.
+    sql = f"""
+        WITH nearest AS MATERIALIZED (
+            SELECT image_id, {distance} AS distance FROM simili_embedding
+            WHERE {where} ORDER BY {distance} LIMIT %(k)s
+        )
+        SELECT image_id, distance FROM nearest ORDER BY distance
+    """
+    with transaction.atomic(), connection.cursor() as cursor:
+        # SET LOCAL lasts until the end of this transaction and touches no other query.
+        if plan == "exact":
+            # No index scans: HNSW cannot serve the ORDER BY, the btree still narrows the
+            # rows through a bitmap scan, and a top-k sort computes every distance exactly.
+            cursor.execute("SET LOCAL enable_indexscan = off")
+        else:
+            cursor.execute("SET LOCAL hnsw.ef_search = %s", [int(settings.HNSW_EF_SEARCH)])
+            cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        cursor.execute(sql, params)
+        rows = [(int(image_id), float(d)) for image_id, d in cursor.fetchall()]
+    if plan == "hnsw" and len(rows) < k and scope.collection_ids is not None:
+        # The iterative scan gave up (max_scan_tuples) before k rows passed the filter.
+        return nearest(vector=vector, scope=scope, k=k, plan="exact")
+    return rows
+
+
+def _vectors(*, version: EmbeddingModel, image_ids: Sequence[int], column: str) -> dict[int, np.ndarray]:
+    """Return stored vectors by image id, in pgvector's binary format (no float text parsing)."""
+    if not image_ids:
+        return {}
+    if column not in {"vector", "augmented"}:
+        raise ValueError(f"expected column vector or augmented, got {column!r}")
+    with binary_cursor() as raw:
+        raw.execute(
+            f"SELECT image_id, {column} FROM simili_embedding WHERE model_version_id = %s AND image_id = ANY(%s)",
+            [version.pk, list(image_ids)], binary=True,
+        )
+        return {int(image_id): np.asarray(value.to_numpy(), dtype=np.float32) for image_id, value in raw.fetchall()}
+
+
+def _collapse(
+    rows: list[tuple[int, float]], *, version: EmbeddingModel, duplicate_of: Sequence[np.ndarray], k: int
+) -> list[tuple[int, float]]:
+    """Keep the best of each group of near-duplicates (and none of the query's own), up to k."""
+    threshold = float(settings.NEAR_DUPLICATE_DISTANCE)
+    if threshold <= 0 or not rows:
+        return rows[:k]
+    ids = [image_id for image_id, _ in rows]
+    raw = {image_id: _unit(v) for image_id, v in _vectors(version=version, image_ids=ids, column="vector").items()}
+    dismissed = {
+        (a, b) for a, b in NearDuplicate.objects.filter(
+            first_id__in=ids, second_id__in=ids, status=NearDuplicate.Status.DISMISSED
+        ).values_list("first_id", "second_id")
+    }
+    query_vectors = [_unit(v) for v in duplicate_of]
+    kept: list[tuple[int, float]] = []
+    for image_id, distance in rows:
+        vector = raw.get(image_id)
+        if vector is not None:
+            if any(1.0 - float(vector @ q) < threshold for q in query_vectors):
+                continue
+            if any(
+                (min(image_id, other), max(image_id, other)) not in dismissed
+                and other in raw and 1.0 - float(vector @ raw[other]) < threshold
+                for other, _ in kept
+            ):
+                continue
+        kept.append((image_id, distance))
+        if len(kept) == k:
+            break
+    return kept
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
+
+
+#: Extra candidates fetched so that k remain after near-duplicates are collapsed.
+COLLAPSE_MARGIN = 12
+
+
+def images_search(
+    *,
+    query: SearchQuery,
+    version: EmbeddingModel,
+    viewer: Viewer,
+    k: int,
+    collection_ids: Sequence[int] | None = None,
+    expand: int | None = None,
+) -> list[SimilarImage]:
+    """Return the k images nearest to the query among those the viewer may see, re-ranked.
+
+    With query expansion (`expand`, default SIMILAR_QE), the query is averaged with its first
+    results' vectors — only ones the viewer may see — and searched again (docs/quality.md).
+    Near-duplicates are collapsed to their best-ranked member.
+    """
+    scope = search_scope(version=version, viewer=viewer, collection_ids=collection_ids,
+                         exclude_image_ids=query.exclude_image_ids)
+    plan = choose_plan(scope)
+    vector = query.vector()
+    n = settings.SIMILAR_QE if expand is None else expand
+    if n > 0:
+        first = nearest(vector=vector, scope=scope, k=n, plan=plan)
+        found = _vectors(version=version, image_ids=[image_id for image_id, _ in first], column="augmented")
+        neighbours = [found[image_id] for image_id, _ in first if image_id in found]
+        if neighbours:
+            vector = expand_query(vector, np.stack(neighbours), n=n, alpha=settings.SIMILAR_ALPHA)
+    margin = COLLAPSE_MARGIN if settings.NEAR_DUPLICATE_DISTANCE > 0 else 0
+    rows = _collapse(nearest(vector=vector, scope=scope, k=k + margin, plan=plan), version=version,
+                     duplicate_of=query.duplicate_of, k=k)
+    images = Image.objects.select_related("collection").in_bulk([image_id for image_id, _ in rows])
+    return [
+        SimilarImage(image=images[image_id], similarity=1.0 - distance)
+        for image_id, distance in rows
+        if image_id in images
+    ]
+
+
+def vector_similar(
+    *,
+    vector: Sequence[float] | np.ndarray,
+    version: EmbeddingModel,
+    viewer: Viewer,
+    k: int,
+    collection_ids: Sequence[int] | None = None,
+    expand: int | None = None,
+) -> list[SimilarImage]:
+    """Return the k images nearest to one query vector (an uploaded image or a crop)."""
+    return images_search(query=SearchQuery(positives=[np.asarray(vector, dtype=np.float32)]), version=version,
+                         viewer=viewer, k=k, collection_ids=collection_ids, expand=expand)
+
+
+def examples_query(*, positives: Sequence[Image], negatives: Sequence[Image] = (),
+                   version: EmbeddingModel) -> SearchQuery | None:
+    """Build a query from stored example images (their search vectors); None if one has no vector."""
+    chosen = [*positives, *negatives]
+    searchable = _vectors(version=version, image_ids=[image.pk for image in chosen], column="augmented")
+    raw = _vectors(version=version, image_ids=[image.pk for image in positives], column="vector")
+    if any(image.pk not in searchable for image in chosen):
+        return None
+    return SearchQuery(
+        positives=[searchable[image.pk] for image in positives],
+        negatives=[searchable[image.pk] for image in negatives],
+        exclude_image_ids=[image.pk for image in chosen],
+        duplicate_of=[raw[image.pk] for image in positives if image.pk in raw],
+    )
+
+
+def image_similar(
+    *,
+    image: Image,
+    viewer: Viewer,
+    k: int | None = None,
+    collection_ids: Sequence[int] | None = None,
+    version: EmbeddingModel | None = None,
+) -> list[SimilarImage]:
+    """Return the images most similar to a stored image, among those the viewer may see."""
+    version = version or active_model_version()
+    if version is None or not image.is_ready:
+        return []
+    query = examples_query(positives=[image], version=version)
+    if query is None:
+        return []
+    return images_search(query=query, version=version, viewer=viewer, k=k or settings.SIMILAR_K,
+                         collection_ids=collection_ids)
+
+
+def images_visible(*, keys: Sequence[str], viewer: Viewer) -> list[Image]:
+    """Return the ready images among `keys` that the viewer may use as search examples, in order."""
+    images = Image.objects.filter(key__in=list(keys)[:50], status="ready").select_related("collection")
+    if not is_admin(viewer):
+        # Unlisted collections are reachable by link, so their images may be examples too.
+        images = images.filter(listed_filter(viewer, prefix="collection__") | Q(collection__visibility="unlisted"))
+    by_key = {image.key: image for image in images}
+    return [by_key[key] for key in keys if key in by_key]

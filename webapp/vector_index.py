@@ -1,0 +1,44 @@
+"""The per-version HNSW index over `augmented::halfvec(dim)`: its name, its DDL and its build."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: pgvector's HNSW index takes halfvec vectors of at most 4,000 dimensions.
+MAX_INDEXED_DIMENSIONS = 4000
+
+
+def index_name(version_id: int) -> str:
+    return f"embedding_augmented_hnsw_v{int(version_id)}"
+
+
+def search_expression(dimensions: int) -> str:
+    """The indexed expression; a query must repeat it verbatim for the planner to use the index."""
+    return f"augmented::halfvec({int(dimensions)})"
+
+
+def build(cursor: Any, *, version_id: int, dimensions: int, m: int, ef_construction: int, memory: str) -> None:
+    """Create the version's partial HNSW cosine index unless it exists (a build, not inserts)."""
+    # SET LOCAL would end with a surrounding transaction; outside one it must not leak into the
+    # pooled connection, so reset afterwards.
+    cursor.execute(f"SET maintenance_work_mem = '{memory}'")
+    try:
+        cursor.execute(
+            f"CREATE INDEX IF NOT EXISTS {index_name(version_id)} ON simili_embedding "
+            f"USING hnsw (({search_expression(dimensions)}) halfvec_cosine_ops) "
+            f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) "
+            # The same integer literal the similarity query inlines: a bound bigint parameter
+            # would keep the planner from proving this predicate.
+            f"WHERE model_version_id = {int(version_id)}"
+        )
+    finally:
+        cursor.execute("RESET maintenance_work_mem")
+
+
+def drop(cursor: Any, *, version_id: int) -> None:
+    cursor.execute(f"DROP INDEX IF EXISTS {index_name(version_id)}")
+
+
+def exists(cursor: Any, *, version_id: int) -> bool:
+    cursor.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s", [index_name(version_id)])
+    return cursor.fetchone() is not None

@@ -244,7 +244,8 @@ def get_backbone(name: str) -> BackboneSpec:
     """Return the spec registered under `name`, or raise `UnknownBackbone` listing valid names.
 
     Besides registered names, "torchvision:ARCH" and "timm:ARCH" name any architecture of
-    those libraries whose weights file is in torch's cache (see `retrieval.architectures`).
+    those libraries whose weights file is in torch's cache (see `retrieval.architectures`), and
+    "gan:PATH.pt" a DCGAN discriminator trained here (see `retrieval.gan`).
     """
     try:
         return _REGISTRY[name]
@@ -255,7 +256,11 @@ def get_backbone(name: str) -> BackboneSpec:
         from retrieval.architectures import architecture_backbone
 
         return architecture_backbone(prefix, arch)
+    if prefix == "gan" and arch.endswith(".pt"):
+        from retrieval.gan import discriminator_backbone
+
+        return discriminator_backbone(Path(arch), name=name)
     raise UnknownBackbone(
         f"unknown backbone {name!r}; expected one of: {', '.join(available_backbones())}, "
-        "or torchvision:ARCH / timm:ARCH"
+        "or torchvision:ARCH / timm:ARCH, or gan:PATH.pt"
     ) from None

@@ -52,6 +52,25 @@ def read_labelled_folder(root: Path) -> LabelledFolder:
     return LabelledFolder(root, paths, np.asarray(labels, dtype=np.int64), classes)
 
 
+def list_images(root: Path) -> list[Path]:
+    """Return every image file under `root`, in any sub-folder, sorted: a folder with no labels.
+
+    Args:
+        root: the folder.
+
+    Returns:
+        The paths; hidden files and folders are left out.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"expected a folder of images at {root}")
+    return sorted(
+        path for path in root.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+
+
 def open_rgb(path: Path) -> Image.Image:
     """Read an image file as the web app does: validated, EXIF-upright RGB."""
     return imaging.load_image(Path(path).read_bytes())

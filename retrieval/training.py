@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -65,6 +66,20 @@ class CNNResult:
     test_map: float
     history: History
     seconds: float
+    real_images: int = 0
+    generated_images: int = 0
+
+
+@dataclass(frozen=True)
+class Generated:
+    """Images made by a generator, with the class each was made for: training data, never test data."""
+
+    images: Sequence[Image.Image]
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"expected one label per generated image, got {len(self.labels)} for {len(self.images)}")
 
 
 def _tensor_spec(input_size: int) -> BackboneSpec:
@@ -100,6 +115,7 @@ def train_small_cnn(
     learning_rate: float = 1e-3,
     input_size: int = INPUT_SIZE,
     seed: int = 0,
+    generated: Generated | None = None,
     progress: bool = True,
 ) -> CNNResult:
     """Train the small CNN from scratch with cross-entropy; report test accuracy and retrieval mAP.
@@ -115,10 +131,12 @@ def train_small_cnn(
         learning_rate: Adam's step size.
         input_size: square input side.
         seed: seeds the initialisation and the shuffles.
+        generated: images added to the training images (GAN augmentation); never tested on.
         progress: show progress bars.
 
     Returns:
-        The checkpoint path, final test accuracy and mAP, and the per-epoch history.
+        The checkpoint path, final test accuracy and mAP, the per-epoch history, and how many
+        real and generated images it learnt from.
     """
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -127,6 +145,10 @@ def train_small_cnn(
     labels = torch.from_numpy(folder.labels)
     train_x, train_y = images[train_indices], labels[train_indices]
     test_x, test_y = images[test_indices], labels[test_indices]
+    real_images = len(train_x)
+    if generated is not None and len(generated.images):
+        made = torch.stack([to_tensor(spec, image) for image in generated.images])
+        train_x, train_y = torch.cat([train_x, made]), torch.cat([train_y, torch.from_numpy(generated.labels)])
     model = SmallCNN(len(folder.classes), input_size=input_size)
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()
@@ -162,7 +184,8 @@ def train_small_cnn(
     with torch.inference_mode():
         features = torch.cat([model.penultimate(test_x[i : i + 256]) for i in range(0, len(test_x), 256)])
     test_map = held_out_map(l2_normalize(features.numpy()), folder.labels[test_indices], folder.classes)
-    return CNNResult(checkpoint, history.columns["test_accuracy"][-1], test_map, history, time.perf_counter() - started)
+    return CNNResult(checkpoint, history.columns["test_accuracy"][-1], test_map, history, time.perf_counter() - started,
+                     real_images=real_images, generated_images=len(train_x) - real_images)
 
 
 def _evaluate_classifier(

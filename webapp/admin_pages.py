@@ -1,16 +1,17 @@
-"""Staff pages beside the model admin: the index health page and the zip import."""
+"""Staff pages beside the model admin: the index health page, the zip import, a collection's GAN."""
 
 from __future__ import annotations
 
 import logging
 
 from django.contrib import admin, messages
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
-from django.views.decorators.http import require_http_methods
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_http_methods
 
-from webapp import imports, selectors, services
+from webapp import gan_runs, imports, selectors, services
 from webapp.forms import ZipImportForm
+from webapp.models import Collection
 
 logger = logging.getLogger(__name__)
 
@@ -81,3 +82,28 @@ def zip_import(request: HttpRequest) -> HttpResponse:
         )
     context = {**admin.site.each_context(request), "title": "Import a zip archive", "form": form, "summary": summary}
     return render(request, "admin/simili_import.html", context)
+
+
+@require_GET
+def gan(request: HttpRequest, key: str) -> HttpResponse:
+    collection = get_object_or_404(Collection, key=key)
+    context = {
+        **admin.site.each_context(request),
+        "title": f"GAN of {collection.name}",
+        "collection": collection,
+        "state": gan_runs.collection_gan_state(collection=collection),
+    }
+    response = render(request, "admin/simili_gan.html", context)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@require_GET
+def gan_samples(request: HttpRequest, key: str) -> FileResponse:
+    collection = get_object_or_404(Collection, key=key)
+    state = gan_runs.collection_gan_state(collection=collection)
+    if state is None or not state.samples.is_file():
+        raise Http404("no GAN samples for this collection yet")
+    response = FileResponse(state.samples.open("rb"), content_type="image/png")
+    response["Cache-Control"] = "no-store"  # rewritten after every epoch, and for staff only
+    return response

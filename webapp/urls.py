@@ -34,6 +34,8 @@ urlpatterns = [
     path("api/v1/", api.urls),
     path("admin/health/", admin.site.admin_view(admin_pages.health), name="admin_health"),
     path("admin/import/", admin.site.admin_view(admin_pages.zip_import), name="admin_import"),
+    path("admin/gan/<str:key>/", admin.site.admin_view(admin_pages.gan), name="admin_gan"),
+    path("admin/gan/<str:key>/samples.png", admin.site.admin_view(admin_pages.gan_samples), name="admin_gan_samples"),
     path("admin/", admin.site.urls),
 ]
 

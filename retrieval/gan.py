@@ -341,7 +341,7 @@ def train_dcgan(
         size: square side, a power of two from 16 to 256.
         width: channels of the discriminator's first block.
         latent_dim: length of the noise vector.
-        epochs: passes over the images.
+        epochs: passes over the images; 0 saves the untrained networks (a baseline).
         batch_size: images per step.
         learning_rate: Adam's step size for both networks.
         seed: seeds initialisation, shuffles, flips and noise; on the CPU, the same seed gives
@@ -380,7 +380,6 @@ def train_dcgan(
             "description": description or source or f"{len(paths)} images",
             "trained_on": sorted(str(Path(path).resolve()) for path in paths),
         }
-        samples = out_dir / SAMPLES_FILE
         bar = tqdm(range(1, epochs + 1), desc=f"DCGAN {size}px", unit="epoch", disable=not progress)
         for epoch in bar:
             sums = dict.fromkeys(("d_loss", "g_loss", "d_real", "d_fake"), 0.0)
@@ -408,19 +407,27 @@ def train_dcgan(
             means = {name: total / steps for name, total in sums.items()}
             history.add(epoch=epoch, **means)
             bar.set_postfix(d=f"{means['d_loss']:.3f}", g=f"{means['g_loss']:.3f}")
-            _save(out_dir / GENERATOR_FILE, generator, {**meta, "architecture": "dcgan_generator", "epoch": epoch})
-            _save(out_dir / DISCRIMINATOR_FILE, discriminator.fold(),
-                  {**meta, "architecture": "dcgan_discriminator", "epoch": epoch})
-            generator.eval()
-            with torch.inference_mode():
-                grid = generator(fixed_noise.to(target))
-            generator.train()
-            save_grid(grid, out_dir / SAMPLES_DIR / f"epoch-{epoch:03d}.png")
-            save_grid(grid, samples)
-            _write_history(out_dir / HISTORY_FILE, history, meta)
-            logger.debug("epoch %d: %s", epoch, means)
-    return GanRun(out_dir, out_dir / GENERATOR_FILE, out_dir / DISCRIMINATOR_FILE, samples, history,
+            _checkpoint(out_dir, epoch, generator, discriminator, fixed_noise, history, meta)
+        if epochs == 0:  # the untrained networks: the baseline a trained discriminator must beat
+            _checkpoint(out_dir, 0, generator, discriminator, fixed_noise, history, meta)
+    return GanRun(out_dir, out_dir / GENERATOR_FILE, out_dir / DISCRIMINATOR_FILE, out_dir / SAMPLES_FILE, history,
                   time.perf_counter() - started)
+
+
+def _checkpoint(
+    out_dir: Path, epoch: int, generator: Generator, discriminator: Discriminator, fixed_noise: torch.Tensor,
+    history: GanHistory, meta: dict[str, object],
+) -> None:
+    _save(out_dir / GENERATOR_FILE, generator, {**meta, "architecture": "dcgan_generator", "epoch": epoch})
+    _save(out_dir / DISCRIMINATOR_FILE, discriminator.fold(),
+          {**meta, "architecture": "dcgan_discriminator", "epoch": epoch})
+    generator.eval()
+    with torch.inference_mode():
+        grid = generator(fixed_noise.to(next(generator.parameters()).device))
+    generator.train()
+    save_grid(grid, out_dir / SAMPLES_DIR / f"epoch-{epoch:03d}.png")
+    save_grid(grid, out_dir / SAMPLES_FILE)
+    _write_history(out_dir / HISTORY_FILE, history, meta)
 
 
 def _write_history(path: Path, history: GanHistory, meta: dict[str, object]) -> None:

@@ -66,6 +66,13 @@ def test_a_short_run_writes_checkpoints_that_load(trained: gan.GanRun) -> None:
     assert all(np.isfinite(history["history"][name]).all() for name in ("d_loss", "g_loss", "d_real", "d_fake"))
 
 
+def test_zero_epochs_saves_the_untrained_networks_as_a_baseline(shapes: Path, tmp_path: Path) -> None:
+    run = gan.train_dcgan(sorted(shapes.rglob("*.png")), tmp_path / "untrained", epochs=0, progress=False, **TINY)
+    assert gan.read_meta(run.discriminator, "dcgan_discriminator")["epoch"] == 0
+    assert run.history.columns == {} and (run.out_dir / "samples" / "epoch-000.png").is_file()
+    assert "for 0 epochs" in gan.discriminator_backbone(run.discriminator).notes
+
+
 def test_each_epoch_leaves_a_sample_grid_png_of_the_expected_size(trained: gan.GanRun) -> None:
     expected = gan.grid_side(16)
     assert expected == (8 * 18 + 2, 8 * 18 + 2)

@@ -44,10 +44,10 @@ from retrieval.training import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT_DIR = Path("var/training")
-#: A class has ~80 training images: batches of 16 give 5 steps an epoch, and 80 epochs give each
-#: per-class GAN 400 steps, about a minute per class on one CPU core.
+#: A Corel class has 80 training images: batches of 16 give 5 steps an epoch, and 40 epochs give
+#: each per-class GAN 200 steps, under a minute per class on one CPU core.
 GAN_CLASS_BATCH = 16
-GAN_CLASS_EPOCHS = 80
+GAN_CLASS_EPOCHS = 40
 
 
 def run_cnn(folder: LabelledFolder, args: argparse.Namespace) -> dict[str, object]:

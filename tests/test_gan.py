@@ -184,6 +184,24 @@ def test_the_cnn_mixes_generated_images_into_training_in_the_ratio_asked(shapes:
         assert {Path(path).parent.name for path in seen} == {name}
 
 
+def test_the_projection_reports_its_first_fold_with_and_without_generated_images(shapes: Path, tmp_path: Path) -> None:
+    out = tmp_path / "projection"
+    argv = [str(shapes), "--method", "projection", "--epochs", "1", "--folds", "3", "--dim", "8", "--qe", "2",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu",
+            "--gan-ratio", "0.5", "--gan-epochs", "1", "--gan-batch-size", "2", "--size", "16", "--width", "8"]
+    assert train.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    folder = read_labelled_folder(shapes)
+    test = stratified_folds(folder.labels, k=3, seed=0)[0]
+    train_labels = np.delete(folder.labels, test)
+    assert metrics["augmentation_test_images"] == len(test) == 5 and metrics["augmented_real_images"] == 10
+    assert sorted(np.bincount(train_labels).tolist()) == [3, 3, 4]
+    assert metrics["augmented_generated_images"] == 2 + 2 + 2  # per class round(0.5 x real): 1.5 -> 2, 2 -> 2
+    for key in ("test_mAP", "test_nn_accuracy", "augmented_test_mAP", "augmented_test_nn_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert len(metrics["per_fold"]) == 3  # the cross-validation still runs, without generated images
+
+
 def test_generated_images_carry_the_label_of_their_class_gan(trained: gan.GanRun, tmp_path: Path) -> None:
     images, labels = gan.generate_labelled({0: trained.generator, 4: trained.generator}, {0: 3, 4: 2}, seed=0)
     assert len(images) == 5 and labels.tolist() == [0, 0, 0, 4, 4]

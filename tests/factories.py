@@ -55,8 +55,8 @@ def unit_vector(seed: int, dim: int = 1280) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def near(base: np.ndarray, seed: int, spread: float = 0.5) -> np.ndarray:
-    """A unit vector similar to `base` (cosine about 0.9) but not a near-duplicate of it."""
+def near(base: np.ndarray, seed: int, spread: float = 0.8) -> np.ndarray:
+    """A unit vector similar to `base` (cosine about 0.78) but not a near-duplicate of it."""
     vector = base + spread * unit_vector(seed, len(base))
     return (vector / np.linalg.norm(vector)).astype(np.float32)
 

@@ -59,8 +59,17 @@ def labelled_folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def no_collapse():
+    """The offline evaluation ranks every image; collapsing near-duplicates is the pages' business."""
+    from django.test import override_settings
+
+    with override_settings(NEAR_DUPLICATE_DISTANCE=0.0):
+        yield
+
+
 def test_the_web_app_ranks_like_the_offline_evaluation(
-    celery_worker_process, owner_client, labelled_folder: Path, tmp_path: Path
+    celery_worker_process, owner_client, labelled_folder: Path, tmp_path: Path, no_collapse
 ) -> None:
     folder = read_labelled_folder(labelled_folder)
     response = owner_client.post("/collections/new/", {"name": "Labelled", "visibility": "public"})

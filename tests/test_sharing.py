@@ -144,7 +144,7 @@ def similar_world(owner, editor, settings):
     query = ImageFactory(collection=public)
     neighbour = ImageFactory(collection=private)
     embed(query, unit_vector(1), version)
-    near = unit_vector(1) + 0.5 * unit_vector(2)  # similar, not a near-duplicate
+    near = unit_vector(1) + 0.8 * unit_vector(2)  # similar, not a near-duplicate
     embed(neighbour, near / (near @ near) ** 0.5, version)
     return query, neighbour, private
 

@@ -8,9 +8,9 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.utils.html import format_html
 
-from webapp import curation, embeddings, services
+from webapp import curation, duplicates, embeddings, services
 from webapp.forms import MoveImagesForm
-from webapp.models import ApiToken, Collection, CollectionEditor, EmbeddingModel, Image, ImageStatus
+from webapp.models import ApiToken, Collection, CollectionEditor, EmbeddingModel, Image, ImageStatus, NearDuplicate
 
 
 def _thumbnail_html(key: str, height: int = 48) -> str:
@@ -153,14 +153,43 @@ class ImageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 @admin.register(EmbeddingModel)
 class EmbeddingModelAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ("key", "backbone", "dimensions", "is_active", "coverage", "created_at")
-    readonly_fields = ("key", "backbone", "dimensions", "is_active", "created_at")
-    actions = ("activate",)
+    list_display = ("key", "backbone", "dimensions", "is_active", "coverage", "indexed", "reindex_state",
+                    "created_at")
+    readonly_fields = ("key", "backbone", "dimensions", "is_active", "reindex_state", "reindex_updated_at",
+                       "created_at")
+    actions = ("reindex", "activate", "drop")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # a version is registered by the workers' recipe (EMBEDDING_*), not typed in
+
+    def has_delete_permission(self, request: HttpRequest, obj: EmbeddingModel | None = None) -> bool:
+        return False  # dropping goes through the "drop" action, which refuses the active version
 
     @admin.display(description="Images with a vector")
     def coverage(self, obj: EmbeddingModel) -> str:
         covered, total = embeddings.embedding_model_coverage(version=obj)
-        return f"{covered} / {total}"
+        return f"{covered} / {total} ({covered / total:.0%})" if total else "0 / 0"
+
+    @admin.display(description="HNSW index", boolean=True)
+    def indexed(self, obj: EmbeddingModel) -> bool:
+        return embeddings.embedding_index_exists(version=obj)
+
+    @admin.action(description="Re-index every image with the selected version, in the background")
+    def reindex(self, request: HttpRequest, queryset: QuerySet[EmbeddingModel]) -> None:
+        for version in queryset:
+            embeddings.embedding_model_reindex_start(version=version)
+        self.message_user(request, f"{queryset.count()} re-index(es) queued on the bulk workers; "
+                                   "this page shows their progress.", messages.SUCCESS)
+
+    @admin.action(description="Drop the selected inactive versions (their vectors and index)")
+    def drop(self, request: HttpRequest, queryset: QuerySet[EmbeddingModel]) -> None:
+        for version in queryset:
+            try:
+                removed = embeddings.embedding_model_drop(version=version)
+            except ValueError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+                continue
+            self.message_user(request, f"Dropped {version.key} ({removed} vectors).", messages.SUCCESS)
 
     @admin.action(description="Make the selected version the one searches use")
     def activate(self, request: HttpRequest, queryset: QuerySet[EmbeddingModel]) -> None:
@@ -204,3 +233,22 @@ class ApiTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         for token in queryset:
             services.api_token_revoke(token=token)
         self.message_user(request, f"{queryset.count()} token(s) revoked.", messages.SUCCESS)
+
+
+@admin.register(NearDuplicate)
+class NearDuplicateAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("first", "second", "collection", "distance", "status", "reviewed_by", "reviewed_at")
+    list_filter = ("status", "collection")
+    readonly_fields = ("collection", "first", "second", "distance", "found_at", "reviewed_by", "reviewed_at")
+    list_select_related = ("first", "second", "collection", "reviewed_by")
+    actions = ("dismiss",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # pairs are found by the collection refresh
+
+    @admin.action(description="Mark the selected pairs as not duplicates")
+    def dismiss(self, request: HttpRequest, queryset: QuerySet[NearDuplicate]) -> None:
+        for pair in queryset:
+            duplicates.duplicate_dismiss(pair=pair, reviewer=request.user)
+        self.message_user(request, f"{queryset.count()} pair(s) dismissed.", messages.SUCCESS)
+

@@ -4,7 +4,7 @@
 # import time to build request parsing and the OpenAPI schema.
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
@@ -465,6 +465,45 @@ def search(
     results = similarity.vector_similar(
         vector=vector, version=version, viewer=viewer, k=k, collection_ids=collection_ids
     )
+    return Status(200, {
+        "model": version.key,
+        "results": [{"image": r.image, "similarity": r.similarity} for r in results],
+    })
+
+
+ImageKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,24}$")]
+
+
+class ExamplesIn(Schema):
+    positive: list[ImageKey] = Field(..., min_length=1, max_length=20, description="Keys of images to look like")
+    negative: list[ImageKey] = Field(default_factory=list, max_length=20,
+                                     description="Keys of images not to look like")
+    k: int = Field(12, ge=1, le=100)
+    collection: str | None = None
+
+
+@api.post("/search/examples", response={200: SimilarListOut, **ERRORS}, tags=["similar"],
+          summary="Search by several positive and negative example images")
+def search_examples(request: HttpRequest, payload: ExamplesIn) -> Any:
+    """The query moves towards the mean of the positives and away from the negatives; the
+    examples themselves are left out of the results. Every example must be visible to you."""
+    viewer = _viewer(request)
+    collection_ids = _collection_ids(payload.collection, viewer)
+    version = selectors.active_model_version()
+    positives = similarity.images_visible(keys=payload.positive, viewer=viewer)
+    negatives = similarity.images_visible(keys=payload.negative, viewer=viewer)
+    missing = sorted(set(payload.positive + payload.negative) - {i.key for i in positives + negatives})
+    if missing:
+        raise ApiError(404, "not_found", f"No such ready image: {', '.join(missing)}")
+    query = None if version is None else similarity.examples_query(positives=positives, negatives=negatives,
+                                                                   version=version)
+    if version is None or query is None:
+        return Status(200, {"model": version.key if version else None, "results": []})
+    try:
+        results = similarity.images_search(query=query, version=version, viewer=viewer, k=payload.k,
+                                           collection_ids=collection_ids)
+    except ValueError as exc:  # the examples cancel out
+        raise ApiError(400, "invalid_request", str(exc)) from exc
     return Status(200, {
         "model": version.key,
         "results": [{"image": r.image, "similarity": r.similarity} for r in results],

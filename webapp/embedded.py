@@ -113,8 +113,11 @@ def postgres_running(layout: Layout) -> bool:
     return result.returncode == 0
 
 
-def start_postgres(layout: Layout, *, database: str = "simili") -> bool:
-    """Initialise (once) and start the embedded PostgreSQL; return False if it already ran."""
+def start_postgres(layout: Layout, *, database: str = "simili", options: dict[str, str] | None = None) -> bool:
+    """Initialise (once) and start the embedded PostgreSQL; return False if it already ran.
+
+    `options` are server settings for this start (e.g. shared_buffers for a benchmark).
+    """
     for path in (layout.pgdata, layout.socket_dir, layout.pg_log.parent):
         path.mkdir(parents=True, exist_ok=True)
     if postgres_running(layout):
@@ -131,10 +134,12 @@ def start_postgres(layout: Layout, *, database: str = "simili") -> bool:
     pid_file = layout.pgdata / "postmaster.pid"
     if pid_file.exists():
         pid_file.unlink()
-    options = f"-h '' -k {layout.socket_dir} -c max_connections=200"
+    flags = f"-h '' -k {layout.socket_dir} -c max_connections=200"
+    for name, value in (options or {}).items():
+        flags += f" -c {name}={value}"
     result = subprocess.run(
         [str(_pg_bin("pg_ctl")), "-D", str(layout.pgdata), "-l", str(layout.pg_log),
-         "-o", options, "-w", "-t", "60", "start"],
+         "-o", flags, "-w", "-t", "60", "start"],
         check=False, capture_output=True, text=True, **_as_pg_user(),  # type: ignore[call-overload]
     )
     if result.returncode != 0:

@@ -171,3 +171,55 @@ def embedding_model_drop(*, version: EmbeddingModel) -> int:
     version.delete()
     logger.info("dropped model version %s (%s vectors)", version.key, removed)
     return removed
+
+
+def _reindex_state(version: EmbeddingModel, state: str) -> None:
+    from django.utils import timezone
+
+    EmbeddingModel.objects.filter(pk=version.pk).update(reindex_state=state[:500], reindex_updated_at=timezone.now())
+
+
+def embedding_model_reindex_start(*, version: EmbeddingModel) -> None:
+    """Queue the background re-index of a version on the bulk lane (the admin's button)."""
+    from webapp.services import BULK_QUEUE
+    from webapp.tasks import reindex_version
+
+    _reindex_state(version, "queued")
+    transaction.on_commit(lambda: reindex_version.apply_async(args=[version.pk, []], queue=BULK_QUEUE))
+
+
+#: Images embedded per round of a background re-index: one batch through the CNN.
+REINDEX_BATCH = 32
+
+
+def embedding_model_reindex_step(*, version_id: int, skip: Sequence[int] = ()) -> list[int] | None:
+    """Re-index for up to EMBED_TIME_BUDGET seconds; return the ids to skip next time, or None when done.
+
+    The worker embeds with its configured recipe, so it refuses a version that is not that
+    recipe, and says so on the version's row.
+    """
+    import time
+
+    from webapp import ingest, pipeline
+
+    version = EmbeddingModel.objects.filter(pk=version_id).first()
+    if version is None:
+        return None
+    key = pipeline.recipe().key
+    if key != version.key:
+        _reindex_state(version, f"failed: the bulk workers embed as {key}; configure EMBEDDING_* for this "
+                                "version's recipe and restart them, then start again")
+        return None
+    _reindex_state(version, "running")
+    tried = set(skip)  # an image that fails to decode is tried once, then left out
+    started = time.monotonic()
+    while time.monotonic() - started < settings.EMBED_TIME_BUDGET:
+        batch = ingest.reindex_batch(version_key=version.key, limit=REINDEX_BATCH, skip=tried)
+        if not batch:
+            embedding_index_build(version=version)
+            covered, total = embedding_model_coverage(version=version)
+            _reindex_state(version, f"done: {covered} of {total} ready images have a vector")
+            return None
+        tried.update(batch)
+    covered = Embedding.objects.filter(model_version=version).values_list("image_id", flat=True)
+    return sorted(tried.difference(covered))

@@ -151,6 +151,9 @@ class EmbeddingModel(models.Model):
     backbone = models.CharField(max_length=300)  # may name a checkpoint path (small_cnn:…)
     dimensions = models.PositiveIntegerField()
     is_active = models.BooleanField(default=False)
+    # The background re-index started from the admin: "", queued, running, done, or the error.
+    reindex_state = models.CharField(max_length=500, blank=True)
+    reindex_updated_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -174,7 +177,8 @@ class Embedding(models.Model):
     """An image's vector under one model version; a row exists only while the image is searchable."""
 
     image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="embeddings")
-    model_version = models.ForeignKey(EmbeddingModel, on_delete=models.PROTECT, related_name="+")
+    # Indexed by (model_version, collection) below, which also serves lookups by version alone.
+    model_version = models.ForeignKey(EmbeddingModel, on_delete=models.PROTECT, related_name="+", db_index=False)
     # A copy of image.collection_id (services keep it in step): the similarity query filters on
     # it inside the one table its index covers, with no join per candidate (docs/search.md).
     collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="+", db_index=False)

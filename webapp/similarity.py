@@ -14,6 +14,7 @@ picks the plan (docs/search.md):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -27,6 +28,9 @@ from retrieval.reranking import expand_query
 from webapp.embeddings import binary_cursor
 from webapp.models import Collection, EmbeddingModel, Image, NearDuplicate
 from webapp.selectors import Viewer, active_model_version, is_admin, listed_filter
+
+#: What new_key() makes (token_urlsafe); anything else is no image's key.
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,24}")
 
 #: Weight of the mean negative example in a multi-example query (Rocchio's query
 #: modification: move towards what is wanted, away from what is not, never past it).
@@ -47,16 +51,11 @@ class SimilarImage:
 
 @dataclass(frozen=True)
 class SearchQuery:
-    """What to look for: vectors to move towards and away from, and images to leave out.
-
-    `duplicate_of` are the raw vectors of stored query images: a near-duplicate of the query
-    is the same photo again, not a similar one, and is left out too.
-    """
+    """What to look for: vectors to move towards and away from, and images to leave out."""
 
     positives: Sequence[np.ndarray]
     negatives: Sequence[np.ndarray] = ()
     exclude_image_ids: Sequence[int] = ()
-    duplicate_of: Sequence[np.ndarray] = ()
 
     def vector(self) -> np.ndarray:
         """Return the unit query vector: mean positive minus NEGATIVE_WEIGHT x mean negative."""
@@ -127,16 +126,11 @@ def choose_plan(scope: Scope) -> Plan:
     return "exact" if rows <= limit else "hnsw"
 
 
-def nearest(*, vector: np.ndarray, scope: Scope, k: int, plan: Plan | None = None) -> list[tuple[int, float]]:
-    """Return (image id, cosine distance) of the k nearest rows in scope, nearest first."""
+def nearest_sql(*, scope: Scope, k: int) -> tuple[str, dict[str, object]]:
+    """Return the nearest-rows SQL for a scope and its parameters but the query vector."""
     dim = int(scope.version.dimensions)
-    if len(vector) != dim:
-        raise ValueError(f"expected a vector of {dim} dimensions, got {len(vector)}")
-    plan = plan or choose_plan(scope)
-    if scope.collection_ids == []:
-        return []
     where, params = _where(scope)
-    params.update(query="[" + ",".join(repr(float(x)) for x in vector) + "]", k=int(k))
+    params["k"] = int(k)
     distance = f"augmented::halfvec({dim}) <=> %(query)s::halfvec({dim})"
     # The ORDER BY repeats the index's expression verbatim and has no tie-breaker: anything
     # else and PostgreSQL sorts every row instead of walking the graph.
@@ -147,15 +141,31 @@ def nearest(*, vector: np.ndarray, scope: Scope, k: int, plan: Plan | None = Non
         )
         SELECT image_id, distance FROM nearest ORDER BY distance
     """
-    with transaction.atomic(), connection.cursor() as cursor:
-        # SET LOCAL lasts until the end of this transaction and touches no other query.
+    return sql, params
+
+
+def nearest(*, vector: np.ndarray, scope: Scope, k: int, plan: Plan | None = None) -> list[tuple[int, float]]:
+    """Return (image id, cosine distance) of the k nearest rows in scope, nearest first."""
+    from pgvector import HalfVector
+
+    dim = int(scope.version.dimensions)
+    if len(vector) != dim:
+        raise ValueError(f"expected a vector of {dim} dimensions, got {len(vector)}")
+    if scope.collection_ids == []:
+        return []
+    plan = plan or choose_plan(scope)
+    sql, params = nearest_sql(scope=scope, k=k)
+    params["query"] = HalfVector(np.asarray(vector, dtype=np.float32))  # binary: no 1,280 floats as text
+    with transaction.atomic(), binary_cursor() as cursor:
+        # Settings local to this transaction, set in one round trip.
         if plan == "exact":
             # No index scans: HNSW cannot serve the ORDER BY, the btree still narrows the
             # rows through a bitmap scan, and a top-k sort computes every distance exactly.
-            cursor.execute("SET LOCAL enable_indexscan = off")
+            cursor.execute("SELECT set_config('enable_indexscan', 'off', true)")
         else:
-            cursor.execute("SET LOCAL hnsw.ef_search = %s", [int(settings.HNSW_EF_SEARCH)])
-            cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+            cursor.execute("SELECT set_config('hnsw.ef_search', %s, true), "
+                           "set_config('hnsw.iterative_scan', 'relaxed_order', true)",
+                           [str(int(settings.HNSW_EF_SEARCH))])
         cursor.execute(sql, params)
         rows = [(int(image_id), float(d)) for image_id, d in cursor.fetchall()]
     if plan == "hnsw" and len(rows) < k and scope.collection_ids is not None:
@@ -178,27 +188,30 @@ def _vectors(*, version: EmbeddingModel, image_ids: Sequence[int], column: str) 
         return {int(image_id): np.asarray(value.to_numpy(), dtype=np.float32) for image_id, value in raw.fetchall()}
 
 
-def _collapse(
-    rows: list[tuple[int, float]], *, version: EmbeddingModel, duplicate_of: Sequence[np.ndarray], k: int
-) -> list[tuple[int, float]]:
-    """Keep the best of each group of near-duplicates (and none of the query's own), up to k."""
+def _collapse(rows: list[tuple[int, float]], *, version: EmbeddingModel, k: int) -> list[tuple[int, float]]:
+    """Keep the best-ranked image of each group of near-duplicates among the results, up to k.
+
+    A copy of the query photo itself still shows (once): finding it is what a search by a
+    photo is for.
+    """
     threshold = float(settings.NEAR_DUPLICATE_DISTANCE)
     if threshold <= 0 or not rows:
         return rows[:k]
     ids = [image_id for image_id, _ in rows]
     raw = {image_id: _unit(v) for image_id, v in _vectors(version=version, image_ids=ids, column="vector").items()}
-    dismissed = {
-        (a, b) for a, b in NearDuplicate.objects.filter(
-            first_id__in=ids, second_id__in=ids, status=NearDuplicate.Status.DISMISSED
-        ).values_list("first_id", "second_id")
-    }
-    query_vectors = [_unit(v) for v in duplicate_of]
+    dismissed: set[tuple[int, int]] = set()
+    if raw:
+        # Reviewers' "not duplicates" answers matter only when some pair is under the threshold.
+        matrix = np.stack(list(raw.values()))
+        close = (matrix @ matrix.T > 1.0 - threshold).sum() > len(raw)
+        if close:
+            dismissed = set(NearDuplicate.objects.filter(
+                first_id__in=ids, second_id__in=ids, status=NearDuplicate.Status.DISMISSED
+            ).values_list("first_id", "second_id"))
     kept: list[tuple[int, float]] = []
     for image_id, distance in rows:
         vector = raw.get(image_id)
         if vector is not None:
-            if any(1.0 - float(vector @ q) < threshold for q in query_vectors):
-                continue
             if any(
                 (min(image_id, other), max(image_id, other)) not in dismissed
                 and other in raw and 1.0 - float(vector @ raw[other]) < threshold
@@ -248,8 +261,7 @@ def images_search(
         if neighbours:
             vector = expand_query(vector, np.stack(neighbours), n=n, alpha=settings.SIMILAR_ALPHA)
     margin = COLLAPSE_MARGIN if settings.NEAR_DUPLICATE_DISTANCE > 0 else 0
-    rows = _collapse(nearest(vector=vector, scope=scope, k=k + margin, plan=plan), version=version,
-                     duplicate_of=query.duplicate_of, k=k)
+    rows = _collapse(nearest(vector=vector, scope=scope, k=k + margin, plan=plan), version=version, k=k)
     images = Image.objects.select_related("collection").in_bulk([image_id for image_id, _ in rows])
     return [
         SimilarImage(image=images[image_id], similarity=1.0 - distance)
@@ -277,14 +289,12 @@ def examples_query(*, positives: Sequence[Image], negatives: Sequence[Image] = (
     """Build a query from stored example images (their search vectors); None if one has no vector."""
     chosen = [*positives, *negatives]
     searchable = _vectors(version=version, image_ids=[image.pk for image in chosen], column="augmented")
-    raw = _vectors(version=version, image_ids=[image.pk for image in positives], column="vector")
     if any(image.pk not in searchable for image in chosen):
         return None
     return SearchQuery(
         positives=[searchable[image.pk] for image in positives],
         negatives=[searchable[image.pk] for image in negatives],
         exclude_image_ids=[image.pk for image in chosen],
-        duplicate_of=[raw[image.pk] for image in positives if image.pk in raw],
     )
 
 
@@ -309,7 +319,8 @@ def image_similar(
 
 def images_visible(*, keys: Sequence[str], viewer: Viewer) -> list[Image]:
     """Return the ready images among `keys` that the viewer may use as search examples, in order."""
-    images = Image.objects.filter(key__in=list(keys)[:50], status="ready").select_related("collection")
+    keys = [key for key in keys if KEY_PATTERN.fullmatch(key)][:50]  # a NUL byte would reach PostgreSQL
+    images = Image.objects.filter(key__in=keys, status="ready").select_related("collection")
     if not is_admin(viewer):
         # Unlisted collections are reachable by link, so their images may be examples too.
         images = images.filter(listed_filter(viewer, prefix="collection__") | Q(collection__visibility="unlisted"))

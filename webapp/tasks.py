@@ -77,3 +77,14 @@ def _load_model_at_start(**kwargs: Any) -> None:
 
     recipe = pipeline.recipe()
     logger.warning("simili worker ready: %s on %s", recipe.key, recipe.extractor.device)
+
+
+@shared_task(name="simili.reindex_version", ignore_result=True, acks_late=True, autoretry_for=TRANSIENT_ERRORS,
+             retry_backoff=2, max_retries=6)
+def reindex_version(version_id: int, skip: list[int]) -> None:
+    from webapp import embeddings
+
+    # One time budget per task, then a fresh task: the bulk lane stays shared with imports.
+    rest = embeddings.embedding_model_reindex_step(version_id=version_id, skip=skip)
+    if rest is not None:
+        reindex_version.apply_async(args=[version_id, rest], queue=services.BULK_QUEUE)

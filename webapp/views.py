@@ -16,7 +16,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from retrieval.errors import ImageRejected
-from webapp import ratelimit, selectors, services, sharing, similarity, storage
+from webapp import duplicates, ratelimit, selectors, services, sharing, similarity, storage
 from webapp.forms import CollectionForm, CollectionSettingsForm, EditorAddForm, SearchForm, SignupForm
 from webapp.models import Collection, Image, ImageStatus
 
@@ -91,6 +91,7 @@ def collection_detail(request: HttpRequest, key: str) -> HttpResponse:
             "tags": selectors.collection_tag_counts(collection=collection),
             "can_upload": selectors.can_upload(request.user, collection),
             "can_manage": can_manage,
+            "open_duplicates": duplicates.open_duplicate_count(collection=collection) if can_manage else 0,
             "editors": selectors.collection_editors(collection=collection) if can_manage else [],
             "editor_form": EditorAddForm() if can_manage else None,
             "max_upload_bytes": settings.MAX_UPLOAD_BYTES,
@@ -116,6 +117,39 @@ def collection_settings(request: HttpRequest, key: str) -> HttpResponse:
         messages.success(request, "Collection settings saved.")
         return redirect(collection)
     return render(request, "collection_settings.html", {"collection": collection, "form": form})
+
+
+@login_required
+@require_GET
+def collection_duplicates(request: HttpRequest, key: str) -> HttpResponse:
+    collection = _managed_collection(request, key)
+    groups = duplicates.duplicate_groups(collection=collection)
+    return render(request, "duplicates.html", {"collection": collection, "groups": groups,
+                                               "threshold": settings.NEAR_DUPLICATE_DISTANCE})
+
+
+@login_required
+@require_POST
+def collection_duplicates_keep(request: HttpRequest, key: str) -> HttpResponse:
+    collection = _managed_collection(request, key)
+    keep = collection.images.filter(key=request.POST.get("image", "")).first()
+    if keep is None:
+        raise Http404("No such image in this collection.")
+    removed = duplicates.duplicate_keep(collection=collection, keep=keep)
+    messages.success(request, f"Kept {keep}; deleted {len(removed)} near-duplicate(s).")
+    return redirect("collection_duplicates", key=collection.key)
+
+
+@login_required
+@require_POST
+def collection_duplicates_dismiss(request: HttpRequest, key: str, pair_id: int) -> HttpResponse:
+    collection = _managed_collection(request, key)
+    pair = duplicates.duplicate_pair(collection=collection, pair_id=pair_id)
+    if pair is None:
+        raise Http404("No such pair.")
+    duplicates.duplicate_dismiss(pair=pair, reviewer=request.user)
+    messages.success(request, "Marked as not duplicates; they will not be proposed again.")
+    return redirect("collection_duplicates", key=collection.key)
 
 
 @login_required
@@ -398,6 +432,8 @@ def search(request: HttpRequest) -> HttpResponse:
     form = SearchForm(request.POST or None, request.FILES or None, collections=collections)
     context: dict[str, object] = {"form": form, "results": None}
     status = 200
+    if request.method == "GET" and request.GET.getlist("positive"):
+        return _search_examples(request, context)
     if request.method == "POST":
         wait = ratelimit.retry_after(request, scope="search", rate=settings.RATE_LIMIT_SEARCH)
         if wait is not None:
@@ -426,3 +462,29 @@ def search(request: HttpRequest) -> HttpResponse:
     elif request.method == "POST":
         status = 400
     return render(request, "search.html", context, status=status)
+
+
+def _search_examples(request: HttpRequest, context: dict[str, object]) -> HttpResponse:
+    """Relevance feedback: ?positive=KEY&negative=KEY…, refined by the links beside each result."""
+    positives = similarity.images_visible(keys=request.GET.getlist("positive")[:20], viewer=request.user)
+    negatives = similarity.images_visible(keys=request.GET.getlist("negative")[:20], viewer=request.user)
+    version = selectors.active_model_version()
+    query = None
+    if positives and version is not None:
+        query = similarity.examples_query(positives=positives, negatives=negatives, version=version)
+    results = []
+    if query is not None and version is not None:
+        try:
+            results = similarity.images_search(query=query, version=version, viewer=request.user,
+                                               k=settings.SIMILAR_K)
+        except ValueError as exc:
+            context["unavailable"] = str(exc)
+    keys = {"positive": [i.key for i in positives], "negative": [i.key for i in negatives]}
+    context.update(
+        positives=positives, negatives=negatives, results=results,
+        refine=[(result, urlencode({**keys, "positive": [*keys["positive"], result.image.key]}, doseq=True),
+                 urlencode({**keys, "negative": [*keys["negative"], result.image.key]}, doseq=True))
+                for result in results],
+    )
+    return render(request, "search.html", context)
+

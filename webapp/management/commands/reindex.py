@@ -11,9 +11,6 @@ from tqdm import tqdm
 from webapp import embeddings, ingest, pipeline
 from webapp.models import EmbeddingModel, Image, ImageStatus
 
-#: Images embedded per round; each round is one batch through the CNN.
-REINDEX_BATCH = 32
-
 
 class Command(BaseCommand):
     help = "Embed every ready image with the configured recipe; --activate switches searches to it when done."
@@ -32,9 +29,10 @@ class Command(BaseCommand):
             )
             bar.update(embeddings.embedding_model_coverage(version=version)[0])
             tried: set[int] = set()  # an image that fails to decode is tried once, then reported
-            while batch := ingest.reindex_batch(version_key=recipe.key, limit=REINDEX_BATCH, skip=tried):
+            while batch := ingest.reindex_batch(version_key=recipe.key, limit=embeddings.REINDEX_BATCH, skip=tried):
                 tried.update(batch)
                 bar.update(len(batch))
+        embeddings.embedding_index_build(version=version)  # once, after the load: faster than growing it
         covered, total = embeddings.embedding_model_coverage(version=version)
         self.stdout.write(f"{version.key}: {covered} of {total} ready image(s) have a vector.")
         active = EmbeddingModel.objects.filter(is_active=True).first()

@@ -133,3 +133,58 @@ def test_a_projection_fitted_on_the_collection_is_used_by_the_web_app(embedded_c
     body = _similar(client, embedded_collection["chelsea.jpg"])
     assert body["model"] == active.key
     assert body["results"][0]["image"]["key"] == embedded_collection["chelsea-copy.jpg"].key
+
+
+def test_an_admin_reindexes_in_the_background_switches_and_drops_the_old_version(
+    celery_worker_process, owner, photos, admin_client_, client, settings
+) -> None:
+    """The workers run the default recipe; the site still searches an older (GeM) version."""
+    import time
+
+    from django.db import connection
+
+    from webapp import pipeline, vector_index
+
+    settings.EMBEDDING_POOLING = "gem"
+    collection = CollectionFactory(owner=owner, visibility=Visibility.PUBLIC)
+    images = [services.image_ingest(collection=collection, uploaded_by=owner, data=data, name=name, queue=None).image
+              for name, data in photos.items()]
+    ingest.embed_claimed(ingest.images_claim(ids=[image.pk for image in images]), augment_each=True)
+    old = EmbeddingModel.objects.get(is_active=True)
+    settings.EMBEDDING_POOLING = "gap"  # what the worker process is configured with
+    recipe = pipeline.recipe()
+    new = embeddings.embedding_model_ensure(key=recipe.key, backbone=recipe.spec.name, dimensions=recipe.dimensions)
+    assert not new.is_active and not embeddings.embedding_index_exists(version=new)
+
+    changelist = "/admin/simili/embeddingmodel/"
+    response = admin_client_.post(changelist, {"action": "reindex", "_selected_action": [new.pk]}, follow=True)
+    assert "re-index(es) queued on the bulk workers" in response.content.decode()
+    deadline = time.monotonic() + 180
+    while not EmbeddingModel.objects.get(pk=new.pk).reindex_state.startswith("done"):
+        assert time.monotonic() < deadline, EmbeddingModel.objects.get(pk=new.pk).reindex_state
+        time.sleep(0.5)
+    assert _similar(client, images[0])["model"] == old.key  # searches stay on the old version meanwhile
+    page = admin_client_.get(changelist).content.decode()
+    n = len(photos)
+    assert f"{n} / {n} (100%)" in page and f"done: {n} of {n} ready images have a vector" in page
+    assert embeddings.embedding_index_exists(version=new)  # built once, after the re-index
+
+    admin_client_.post(changelist, {"action": "activate", "_selected_action": [new.pk]})
+    assert _similar(client, images[0])["model"] == new.key
+    response = admin_client_.post(changelist, {"action": "drop", "_selected_action": [new.pk]}, follow=True)
+    assert "is the active version" in response.content.decode()
+    response = admin_client_.post(changelist, {"action": "drop", "_selected_action": [old.pk]}, follow=True)
+    assert f"Dropped {old.key} ({n} vectors)." in response.content.decode()
+    assert list(EmbeddingModel.objects.values_list("pk", flat=True)) == [new.pk]
+    with connection.cursor() as cursor:
+        assert not vector_index.exists(cursor, version_id=old.pk)
+    assert len(_similar(client, images[0])["results"]) == 3
+
+
+def test_a_background_reindex_refuses_a_version_the_workers_do_not_compute(embedded_collection, settings) -> None:
+    settings.EMBEDDING_POOLING = "gem"
+    other = embeddings.embedding_model_ensure(key="somebody-else@1", backbone="efficientnet_lite0", dimensions=1280)
+    assert embeddings.embedding_model_reindex_step(version_id=other.pk) is None
+    state = EmbeddingModel.objects.get(pk=other.pk).reindex_state
+    assert state.startswith("failed: the bulk workers embed as efficientnet_lite0") and "/gem/" in state
+    assert not Embedding.objects.filter(model_version=other).exists()

@@ -107,3 +107,18 @@ def test_one_search_function_takes_positive_and_negative_examples(library, admin
     np.testing.assert_allclose(pushed.vector(), expected, atol=1e-6)
     with pytest.raises(ValueError, match="cancel out"):
         sim.SearchQuery(positives=[rows[0][2], -rows[0][2]]).vector()
+
+
+def test_a_filter_keeping_a_large_share_of_the_graph_walks_it(library, settings, monkeypatch) -> None:
+    """Below the row threshold, HNSW still wins when the filter keeps much of the graph."""
+    version, owner, _, _ = library
+    settings.EXACT_SEARCH_MAX_ROWS = 100
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE simili_embedding")  # records the version's row count on its index
+        cursor.execute("SELECT reltuples FROM pg_class WHERE relname = %s", [version.index_name])
+        assert cursor.fetchone()[0] == pytest.approx(600, rel=0.1)
+    scope = sim.search_scope(version=version, viewer=owner)  # 30 of 600 rows: a 5% share
+    monkeypatch.setattr(sim, "HNSW_MIN_SHARE", 0.2)
+    assert sim.choose_plan(scope) == "exact"
+    monkeypatch.setattr(sim, "HNSW_MIN_SHARE", 0.01)
+    assert sim.choose_plan(scope) == "hnsw"

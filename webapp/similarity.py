@@ -108,8 +108,14 @@ def _where(scope: Scope) -> tuple[str, dict[str, object]]:
     return " AND ".join(where), params
 
 
+#: Share of a version's rows a filter must keep for HNSW to beat an exact scan of them: the
+#: iterative scan reads about k / share graph tuples, the exact plan every visible row
+#: (measured crossover: docs/benchmarks.md).
+HNSW_MIN_SHARE = 0.05
+
+
 def choose_plan(scope: Scope) -> Plan:
-    """Exact for a filter over few rows, HNSW otherwise (a count that stops at the threshold)."""
+    """Exact for a filter over few rows (and a small share of the graph), HNSW otherwise."""
     if scope.collection_ids is None:
         return "hnsw"
     if not scope.collection_ids:
@@ -117,13 +123,19 @@ def choose_plan(scope: Scope) -> Plan:
     limit = int(settings.EXACT_SEARCH_MAX_ROWS)
     where, params = _where(scope)
     with connection.cursor() as cursor:
-        # An index-only scan of (model_version, collection) that reads at most limit + 1 entries.
+        # An index-only scan of (model_version, collection) that reads at most limit + 1 entries,
+        # and the version's row count as its index last recorded it (no scan).
         cursor.execute(
-            f"SELECT count(*) FROM (SELECT 1 FROM simili_embedding WHERE {where} LIMIT %(limit)s) AS filtered",
-            {**params, "limit": limit + 1},
+            f"""SELECT (SELECT count(*) FROM (SELECT 1 FROM simili_embedding WHERE {where} LIMIT %(limit)s) AS f),
+                       (SELECT reltuples FROM pg_class WHERE relname = %(index)s)""",
+            {**params, "limit": limit + 1, "index": scope.version.index_name},
         )
-        (rows,) = cursor.fetchone()
-    return "exact" if rows <= limit else "hnsw"
+        rows, total = cursor.fetchone()
+    if rows > limit:
+        return "hnsw"
+    if total is not None and total > 0 and rows / total >= HNSW_MIN_SHARE:
+        return "hnsw"
+    return "exact"
 
 
 def nearest_sql(*, scope: Scope, k: int) -> tuple[str, dict[str, object]]:

@@ -1,0 +1,347 @@
+"""Similar-image search at scale: the app's own query against an exact scan and numpy, same run.
+
+Synthetic clustered unit vectors at the product's dimension (1280) are loaded into the app's
+own tables through its own code path (Image rows, then `embeddings.embeddings_store`), the
+version's HNSW index is built after the load (`embeddings.embedding_index_build`), and queries
+go through `similarity.images_search` (the function every page and API call uses) as three
+viewers: an admin (no filter), a user who may see 10% of the rows, one who may see 1%.
+
+For each: p50/p95 latency and recall@10 against the exact answer over the same half-precision
+vectors; the same queries as a forced exact scan (`similarity.nearest(plan="exact")`) and as
+numpy in memory (the reference floor); the ratios. Optionally (--storage) a side experiment
+on scratch tables: `vector` vs `halfvec` storage, built and queried with the same settings.
+Optionally (--pages) the image page under 8 concurrent clients (Django test client, threads).
+
+  .venv/bin/python bench/search.py --rows 100000 --storage --pages
+  .venv/bin/python bench/search.py --rows 1000000
+
+It runs its own PostgreSQL under a temporary directory (or --var DIR) and removes it after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DIM = 1280
+CLUSTERS = 1000
+COLLECTIONS = 100  # each holds 1% of the rows: a viewer's filter is a whole number of them
+K = 10
+EXACT_QUERIES = 20
+
+
+def setup(var_dir: Path, rows: int) -> object:
+    os.environ["SIMILI_VAR_DIR"] = str(var_dir)
+    os.environ["DJANGO_SETTINGS_MODULE"] = "webapp.settings"
+    # The build's graph should fit in memory: about 3 GB at 1M x 1280-d halfvec.
+    os.environ.setdefault("HNSW_BUILD_MEMORY", "6GB" if rows > 300_000 else "1GB")
+    sys.path.insert(0, str(ROOT))
+    import django
+    from django.conf import settings
+
+    from webapp import embedded
+
+    embedded.start_postgres(settings.EMBEDDED, database="simili", options={
+        "shared_buffers": "4GB" if rows > 300_000 else "2GB",
+        "max_wal_size": "20GB",
+        "checkpoint_timeout": "1h",
+        "max_parallel_maintenance_workers": "1",  # two cores: the leader and one worker
+    })
+    redis = embedded.start_redis(settings.EMBEDDED)
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    return redis
+
+
+def clustered(rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit vectors around CLUSTERS centres, like photos of recurring subjects (cos ~0.5 within)."""
+    centres = rng.standard_normal((CLUSTERS, DIM)).astype(np.float32)
+    out = np.empty((rows, DIM), dtype=np.float32)
+    for start in range(0, rows, 100_000):
+        n = min(100_000, rows - start)
+        block = centres[rng.integers(0, CLUSTERS, n)] + rng.standard_normal((n, DIM)).astype(np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        # Rounded to half precision here, so the numpy reference compares exactly what halfvec stores.
+        out[start:start + n] = block.astype(np.float16).astype(np.float32)
+    return out
+
+
+def load(vectors: np.ndarray) -> dict[str, object]:
+    """Create users, 100 collections and one image + embedding per vector; return the fixtures."""
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+
+    from webapp import embeddings, services, vector_index
+    from webapp.models import Image, ImageStatus, Visibility
+
+    users = get_user_model().objects
+    admin = users.create_superuser("admin", password="x")
+    bulk = users.create_user("bulk")
+    ten, one = users.create_user("ten_percent"), users.create_user("one_percent")
+    owners = [one] + [ten] * 10 + [bulk] * (COLLECTIONS - 11)
+    collections = [services.collection_create(owner=o, name=f"c{i}", visibility=Visibility.PRIVATE)
+                   for i, o in enumerate(owners)]
+    version = embeddings.embedding_model_ensure(key="efficientnet_lite0@imagenet-1", backbone="efficientnet_lite0",
+                                                dimensions=DIM)
+    with connection.cursor() as cursor:  # built once after the load, not grown insert by insert
+        vector_index.drop(cursor, version_id=version.pk)
+    rows = len(vectors)
+    owner_of = np.arange(rows) % COLLECTIONS  # row i lives in collection i % 100
+    started = time.perf_counter()
+    ids = np.empty(rows, dtype=np.int64)
+    chunk = 5000
+    for start in range(0, rows, chunk):
+        batch = []
+        for i in range(start, min(rows, start + chunk)):
+            sha = hashlib.sha256(str(i).encode()).hexdigest()
+            batch.append(Image(collection=collections[owner_of[i]], uploaded_by=bulk, sha256=sha,
+                               file_path=f"originals/{sha[:2]}/{sha[2:4]}/{sha}.jpg",
+                               thumbnail_path=f"thumbnails/{sha[:2]}/{sha[2:4]}/{sha}.jpg",
+                               original_name=f"{i}.jpg", mime_type="image/jpeg", width=640, height=480,
+                               byte_size=100_000, status=ImageStatus.READY))
+        created = Image.objects.bulk_create(batch)
+        ids[start:start + len(created)] = [image.pk for image in created]
+        embeddings.embeddings_store(version=version, rows=[
+            embeddings.VectorRow(int(ids[i]), collections[owner_of[i]].pk, vectors[i], vectors[i])
+            for i in range(start, start + len(created))
+        ])
+        if start % 100_000 == 0:
+            print(f"  loaded {start + len(created)} rows in {time.perf_counter() - started:.0f} s", flush=True)
+    load_s = time.perf_counter() - started
+    started = time.perf_counter()
+    embeddings.embedding_index_build(version=version)
+    build_s = time.perf_counter() - started
+    services.images_analyze()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_table_size('simili_embedding'), pg_relation_size(%s)", [version.index_name])
+        table_bytes, index_bytes = cursor.fetchone()
+    return {"version": version, "ids": ids, "owner_of": owner_of, "admin": admin, "ten": ten, "one": one,
+            "load_s": load_s, "build_s": build_s, "table_bytes": table_bytes, "index_bytes": index_bytes}
+
+
+def percentiles(times: list[float]) -> tuple[float, float]:
+    ordered = sorted(times)
+    return statistics.median(ordered), ordered[int(round(0.95 * (len(ordered) - 1)))]
+
+
+def measure(world: dict, vectors: np.ndarray, queries: np.ndarray) -> list[dict[str, object]]:
+    from django.db import connection
+
+    from webapp import similarity
+    from webapp.similarity import SearchQuery
+
+    version, ids, owner_of = world["version"], world["ids"], world["owner_of"]
+    viewers = [("admin: no filter", world["admin"], None), ("10% of rows", world["ten"], range(1, 11)),
+               ("1% of rows", world["one"], range(0, 1))]
+    report = []
+    for label, viewer, visible_collections in viewers:
+        if visible_collections is None:
+            mask, subset, subset_ids = np.ones(len(ids), bool), vectors, ids  # a view, not a 5 GB copy
+        else:
+            mask = np.isin(owner_of, list(visible_collections))
+            subset, subset_ids = vectors[mask], ids[mask]
+        scope = similarity.search_scope(version=version, viewer=viewer)
+        plan = similarity.choose_plan(scope)
+        app_t, exact_t, numpy_t, recalls, exact_recalls, short = [], [], [], [], [], 0
+        hnsw_t: list[float] = []
+        hnsw_recalls: list[float] = []
+        for index, q in enumerate(queries):
+            qh = q.astype(np.float16).astype(np.float32)
+            started = time.perf_counter()
+            scores = subset @ qh
+            top = np.argpartition(-scores, K)[:K]
+            truth = set(subset_ids[top[np.argsort(-scores[top])]].tolist())
+            numpy_t.append((time.perf_counter() - started) * 1000)
+
+            started = time.perf_counter()
+            results = similarity.images_search(query=SearchQuery(positives=[q]), version=version, viewer=viewer,
+                                               k=K, expand=0)
+            app_t.append((time.perf_counter() - started) * 1000)
+            got = [r.image.pk for r in results]
+            short += len(got) < K
+            recalls.append(len(truth.intersection(got)) / K)
+
+            started = time.perf_counter()
+            walked = similarity.nearest(vector=q, scope=scope, k=K, plan="hnsw")
+            hnsw_t.append((time.perf_counter() - started) * 1000)
+            hnsw_recalls.append(len(truth.intersection(i for i, _ in walked)) / K)
+
+            if index < EXACT_QUERIES:  # a full exact scan of a million rows takes seconds
+                started = time.perf_counter()
+                exact = similarity.nearest(vector=q, scope=scope, k=K, plan="exact")
+                exact_t.append((time.perf_counter() - started) * 1000)
+                exact_recalls.append(len(truth.intersection(i for i, _ in exact)) / K)
+        connection.close()
+        app, ex, npy, hn = percentiles(app_t), percentiles(exact_t), percentiles(numpy_t), percentiles(hnsw_t)
+        report.append({"filter": label, "rows": int(mask.sum()), "plan": plan, "app_p50": app[0], "app_p95": app[1],
+                       "recall": float(np.mean(recalls)), "min_recall": float(np.min(recalls)), "short": short,
+                       "exact_p50": ex[0], "exact_p95": ex[1], "exact_recall": float(np.mean(exact_recalls)),
+                       "numpy_p50": npy[0], "numpy_p95": npy[1], "hnsw_p50": hn[0], "hnsw_p95": hn[1],
+                       "hnsw_recall": float(np.mean(hnsw_recalls))})
+        print(f"  {label}: {report[-1]}", flush=True)
+    return report
+
+
+def storage_experiment(vectors: np.ndarray, queries: np.ndarray) -> list[dict[str, object]]:
+    """vector vs halfvec on scratch tables: build time, size, latency and recall at ef_search 40 and 100."""
+    from django.conf import settings
+    from django.db import connection
+
+    out = []
+    for kind in ("vector", "halfvec"):
+        table = f"bench_{kind}"
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE IF EXISTS {table}")
+            cursor.execute(f"CREATE TABLE {table} (id bigint PRIMARY KEY, v {kind}({DIM}))")
+            cursor.execute(f"ALTER TABLE {table} ALTER COLUMN v SET STORAGE MAIN")
+        from webapp.embeddings import binary_cursor
+
+        with binary_cursor() as cursor:
+            from pgvector import HalfVector
+
+            wrap = (lambda v: HalfVector(v)) if kind == "halfvec" else (lambda v: v)
+            with cursor.copy(f"COPY {table} (id, v) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", kind])
+                for i, v in enumerate(vectors):
+                    copy.write_row((i, wrap(v)))
+        started = time.perf_counter()
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET maintenance_work_mem = '{settings.HNSW_BUILD_MEMORY}'")
+            cursor.execute(f"CREATE INDEX {table}_hnsw ON {table} USING hnsw (v {kind}_cosine_ops) "
+                           f"WITH (m = {settings.HNSW_M}, ef_construction = {settings.HNSW_EF_CONSTRUCTION})")
+            build_s = time.perf_counter() - started
+            cursor.execute(f"ANALYZE {table}")
+            cursor.execute(f"SELECT pg_table_size('{table}'), pg_relation_size('{table}_hnsw')")
+            table_bytes, index_bytes = cursor.fetchone()
+        reference = vectors.astype(np.float16).astype(np.float32) if kind == "halfvec" else vectors
+        for ef in (40, 100):
+            times, recalls = [], []
+            for q in queries:
+                truth = set(np.argsort(-(reference @ q))[:K].tolist())
+                literal = "[" + ",".join(repr(float(x)) for x in q) + "]"
+                with connection.cursor() as cursor:
+                    cursor.execute(f"SET hnsw.ef_search = {ef}")
+                    started = time.perf_counter()
+                    cursor.execute(f"SELECT id FROM {table} ORDER BY v <=> %s::{kind}({DIM}) LIMIT {K}", [literal])
+                    got = [row[0] for row in cursor.fetchall()]
+                    times.append((time.perf_counter() - started) * 1000)
+                recalls.append(len(truth.intersection(got)) / K)
+            p50, p95 = percentiles(times)
+            out.append({"storage": kind, "ef_search": ef, "build_s": build_s, "table_mb": table_bytes / 2**20,
+                        "index_mb": index_bytes / 2**20, "p50": p50, "p95": p95, "recall": float(np.mean(recalls))})
+            print(f"  {out[-1]}", flush=True)
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP TABLE {table}")
+    return out
+
+
+def pages(world: dict, clients: int, requests: int) -> dict[str, float]:
+    """The image page (similar images with re-ranking, as deployed) under concurrent clients.
+
+    Each client is its own process (forked, its own database connection), like a server with one
+    worker per client; the time is the Django handler's, middleware included (server time).
+    """
+    import multiprocessing
+
+    from django.db import connections
+    from django.test import Client
+
+    from webapp.models import Collection, Image, Visibility
+
+    # The page as an anonymous visitor sees it: the 10% viewer's collections made public.
+    Collection.objects.filter(owner=world["ten"]).update(visibility=Visibility.PUBLIC)
+    keys = list(Image.objects.filter(collection__owner=world["ten"]).values_list("key", flat=True)[:2000])
+    Client().get(f"/i/{keys[0]}/")  # warm
+    connections.close_all()
+
+    def worker(offset: int, queue: multiprocessing.Queue) -> None:
+        client = Client()
+        times, errors = [], 0
+        for i in range(requests):
+            key = keys[(offset * requests + i) % len(keys)]
+            started = time.perf_counter()
+            response = client.get(f"/i/{key}/")
+            times.append((time.perf_counter() - started) * 1000)
+            errors += response.status_code != 200
+        queue.put((times, errors))
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    processes = [context.Process(target=worker, args=(n, queue)) for n in range(clients)]
+    started = time.perf_counter()
+    for process in processes:
+        process.start()
+    results = [queue.get() for _ in processes]
+    for process in processes:
+        process.join()
+    wall = time.perf_counter() - started
+    times = [t for chunk, _ in results for t in chunk]
+    p50, p95 = percentiles(times)
+    return {"clients": clients, "requests": len(times), "errors": sum(e for _, e in results), "p50": p50,
+            "p95": p95, "per_second": len(times) / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--storage", action="store_true", help="also compare vector and halfvec storage")
+    parser.add_argument("--pages", action="store_true", help="also time the image page under 8 clients")
+    parser.add_argument("--var", type=Path, help="keep the database here instead of a temporary directory")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="simili-bench-search-") as tmp:
+        var = args.var or Path(tmp) / "var"
+        redis = setup(var, args.rows)
+        from django.conf import settings
+
+        from webapp import embedded
+
+        try:
+            rng = np.random.default_rng(0)
+            vectors = clustered(args.rows, rng)
+            # Queries: perturbed copies of stored vectors, as an uploaded photo of a known subject.
+            picks = rng.integers(0, args.rows, args.queries)
+            queries = vectors[picks] + 0.8 * rng.standard_normal((args.queries, DIM)).astype(np.float32) / DIM**0.5
+            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+            print(f"rows {args.rows} x {DIM}, m={settings.HNSW_M}, ef_construction={settings.HNSW_EF_CONSTRUCTION}, "
+                  f"ef_search={settings.HNSW_EF_SEARCH}, exact below {settings.EXACT_SEARCH_MAX_ROWS} rows", flush=True)
+            world = load(vectors)
+            print(f"load {world['load_s']:.0f} s ({args.rows / world['load_s']:.0f} rows/s), index build "
+                  f"{world['build_s']:.0f} s, table {world['table_bytes'] / 2**20:.0f} MB, index "
+                  f"{world['index_bytes'] / 2**20:.0f} MB", flush=True)
+            report = measure(world, vectors, queries)
+            print("\n| filter | rows | plan | app p50 / p95 ms | app recall@10 (min) | short | HNSW p50 / p95 ms "
+                  "(recall) | exact p50 / p95 ms | numpy p50 ms | exact / app (p50) | app / numpy (p50) |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
+            for r in report:
+                print(f"| {r['filter']} | {r['rows']} | {r['plan']} | {r['app_p50']:.1f} / {r['app_p95']:.1f} | "
+                      f"{r['recall']:.3f} ({r['min_recall']:.1f}) | {r['short']} | {r['hnsw_p50']:.1f} / "
+                      f"{r['hnsw_p95']:.1f} ({r['hnsw_recall']:.3f}) | {r['exact_p50']:.1f} / {r['exact_p95']:.1f} | "
+                      f"{r['numpy_p50']:.1f} | {r['exact_p50'] / r['app_p50']:.1f}x | "
+                      f"{r['app_p50'] / r['numpy_p50']:.1f}x |")
+            if args.pages:
+                print(f"\nimage page, 8 clients: {pages(world, clients=8, requests=25)}", flush=True)
+            if args.storage:
+                print("\nstorage experiment (scratch tables, same vectors):", flush=True)
+                storage_experiment(vectors[: min(args.rows, 100_000)], queries)
+        finally:
+            from django.db import connections
+
+            connections.close_all()
+            embedded.stop_postgres(settings.EMBEDDED)
+            embedded.stop_process(redis)
+
+
+if __name__ == "__main__":
+    main()

@@ -145,19 +145,28 @@ def nearest_sql(*, scope: Scope, k: int) -> tuple[str, dict[str, object]]:
     params["k"] = int(k)
     distance = f"augmented::halfvec({dim}) <=> %(query)s::halfvec({dim})"
     # The ORDER BY repeats the index's expression verbatim and has no tie-breaker: anything
-    # else and PostgreSQL sorts every row instead of walking the graph.
+    # else and PostgreSQL sorts every row instead of walking the graph. The vectors come back
+    # with the rows (from the heap tuples the scan read anyway) for re-ranking and collapsing.
     sql = f"""
         WITH nearest AS MATERIALIZED (
-            SELECT image_id, {distance} AS distance FROM simili_embedding
+            SELECT image_id, {distance} AS distance, augmented FROM simili_embedding
             WHERE {where} ORDER BY {distance} LIMIT %(k)s
         )
-        SELECT image_id, distance FROM nearest ORDER BY distance
+        SELECT image_id, distance, augmented FROM nearest ORDER BY distance
     """
     return sql, params
 
 
+Hit = tuple[int, float, np.ndarray]
+
+
 def nearest(*, vector: np.ndarray, scope: Scope, k: int, plan: Plan | None = None) -> list[tuple[int, float]]:
     """Return (image id, cosine distance) of the k nearest rows in scope, nearest first."""
+    return [(image_id, distance) for image_id, distance, _ in nearest_hits(vector=vector, scope=scope, k=k, plan=plan)]
+
+
+def nearest_hits(*, vector: np.ndarray, scope: Scope, k: int, plan: Plan | None = None) -> list[Hit]:
+    """Return (image id, cosine distance, search vector) of the k nearest rows in scope, nearest first."""
     from pgvector import HalfVector
 
     dim = int(scope.version.dimensions)
@@ -178,11 +187,12 @@ def nearest(*, vector: np.ndarray, scope: Scope, k: int, plan: Plan | None = Non
             cursor.execute("SELECT set_config('hnsw.ef_search', %s, true), "
                            "set_config('hnsw.iterative_scan', 'relaxed_order', true)",
                            [str(int(settings.HNSW_EF_SEARCH))])
-        cursor.execute(sql, params)
-        rows = [(int(image_id), float(d)) for image_id, d in cursor.fetchall()]
+        cursor.execute(sql, params, binary=True)
+        rows = [(int(image_id), float(d), np.asarray(v.to_numpy(), dtype=np.float32))
+                for image_id, d, v in cursor.fetchall()]
     if plan == "hnsw" and len(rows) < k and scope.collection_ids is not None:
         # The iterative scan gave up (max_scan_tuples) before k rows passed the filter.
-        return nearest(vector=vector, scope=scope, k=k, plan="exact")
+        return nearest_hits(vector=vector, scope=scope, k=k, plan="exact")
     return rows
 
 
@@ -200,36 +210,42 @@ def _vectors(*, version: EmbeddingModel, image_ids: Sequence[int], column: str) 
         return {int(image_id): np.asarray(value.to_numpy(), dtype=np.float32) for image_id, value in raw.fetchall()}
 
 
-def _collapse(rows: list[tuple[int, float]], *, version: EmbeddingModel, k: int) -> list[tuple[int, float]]:
+#: Search vectors of near-duplicates are at least as close as their raw vectors (re-ranking
+#: averages in nearly the same neighbours), so this looser bound on them finds every candidate
+#: pair, and only those pairs' raw vectors (stored out of line) are read to confirm.
+CANDIDATE_SLACK = 1.5
+
+
+def _collapse(hits: list[Hit], *, version: EmbeddingModel, k: int) -> list[tuple[int, float]]:
     """Keep the best-ranked image of each group of near-duplicates among the results, up to k.
 
     A copy of the query photo itself still shows (once): finding it is what a search by a
     photo is for.
     """
     threshold = float(settings.NEAR_DUPLICATE_DISTANCE)
-    if threshold <= 0 or not rows:
+    rows = [(image_id, distance) for image_id, distance, _ in hits]
+    if threshold <= 0 or len(hits) < 2:
+        return rows[:k]
+    searchable = np.stack([_unit(vector) for _, _, vector in hits])
+    close = np.argwhere(np.triu(searchable @ searchable.T > 1.0 - CANDIDATE_SLACK * threshold, 1))
+    if not len(close):
         return rows[:k]
     ids = [image_id for image_id, _ in rows]
-    raw = {image_id: _unit(v) for image_id, v in _vectors(version=version, image_ids=ids, column="vector").items()}
-    dismissed: set[tuple[int, int]] = set()
-    if raw:
-        # Reviewers' "not duplicates" answers matter only when some pair is under the threshold.
-        matrix = np.stack(list(raw.values()))
-        close = (matrix @ matrix.T > 1.0 - threshold).sum() > len(raw)
-        if close:
-            dismissed = set(NearDuplicate.objects.filter(
-                first_id__in=ids, second_id__in=ids, status=NearDuplicate.Status.DISMISSED
-            ).values_list("first_id", "second_id"))
+    involved = sorted({ids[i] for pair in close for i in pair})
+    raw = {image_id: _unit(v) for image_id, v in _vectors(version=version, image_ids=involved, column="vector").items()}
+    duplicates = {
+        (min(ids[i], ids[j]), max(ids[i], ids[j])) for i, j in close
+        if ids[i] in raw and ids[j] in raw and 1.0 - float(raw[ids[i]] @ raw[ids[j]]) < threshold
+    }
+    if duplicates:
+        # Reviewers' "not duplicates" answers are remembered.
+        duplicates -= set(NearDuplicate.objects.filter(
+            first_id__in=involved, second_id__in=involved, status=NearDuplicate.Status.DISMISSED
+        ).values_list("first_id", "second_id"))
     kept: list[tuple[int, float]] = []
     for image_id, distance in rows:
-        vector = raw.get(image_id)
-        if vector is not None:
-            if any(
-                (min(image_id, other), max(image_id, other)) not in dismissed
-                and other in raw and 1.0 - float(vector @ raw[other]) < threshold
-                for other, _ in kept
-            ):
-                continue
+        if any((min(image_id, other), max(image_id, other)) in duplicates for other, _ in kept):
+            continue
         kept.append((image_id, distance))
         if len(kept) == k:
             break
@@ -267,13 +283,11 @@ def images_search(
     vector = query.vector()
     n = settings.SIMILAR_QE if expand is None else expand
     if n > 0:
-        first = nearest(vector=vector, scope=scope, k=n, plan=plan)
-        found = _vectors(version=version, image_ids=[image_id for image_id, _ in first], column="augmented")
-        neighbours = [found[image_id] for image_id, _ in first if image_id in found]
-        if neighbours:
-            vector = expand_query(vector, np.stack(neighbours), n=n, alpha=settings.SIMILAR_ALPHA)
+        first = nearest_hits(vector=vector, scope=scope, k=n, plan=plan)
+        if first:
+            vector = expand_query(vector, np.stack([v for _, _, v in first]), n=n, alpha=settings.SIMILAR_ALPHA)
     margin = COLLAPSE_MARGIN if settings.NEAR_DUPLICATE_DISTANCE > 0 else 0
-    rows = _collapse(nearest(vector=vector, scope=scope, k=k + margin, plan=plan), version=version, k=k)
+    rows = _collapse(nearest_hits(vector=vector, scope=scope, k=k + margin, plan=plan), version=version, k=k)
     images = Image.objects.select_related("collection").in_bulk([image_id for image_id, _ in rows])
     return [
         SimilarImage(image=images[image_id], similarity=1.0 - distance)

@@ -134,3 +134,21 @@ def test_the_threshold_separates_real_copies_from_different_photos(photos, setti
     names = sorted(vectors)
     closest = min(1.0 - float(vectors[a] @ vectors[b]) for a in names for b in names if a < b)
     assert closest > settings.NEAR_DUPLICATE_DISTANCE
+
+
+def test_copies_in_other_collections_show_once_without_a_recorded_pair(owner, anonymous_client) -> None:
+    """Two public collections hold the same photo; no refresh ran, so only the vectors tell."""
+    version = default_version()
+    query = ImageFactory(collection=CollectionFactory(owner=owner, visibility=Visibility.PUBLIC))
+    embed(query, unit_vector(1), version)
+    base = near(unit_vector(1), 7)
+    for index in range(3):
+        copy = ImageFactory(collection=CollectionFactory(owner=owner, visibility=Visibility.PUBLIC),
+                            original_name=f"copy{index}.jpg")
+        embed(copy, _copy(base, 20 + index, spread=0.05), version)
+    other = ImageFactory(collection=query.collection, original_name="other.jpg")
+    embed(other, near(unit_vector(1), 8), version)
+    assert not NearDuplicate.objects.exists()
+    names = [r["image"]["name"] for r in anonymous_client.get(f"/api/v1/images/{query.key}/similar").json()["results"]]
+    assert sorted(names) == sorted(["other.jpg", names[0] if names[0] != "other.jpg" else names[1]])
+    assert sum(name.startswith("copy") for name in names) == 1

@@ -210,38 +210,43 @@ def _vectors(*, version: EmbeddingModel, image_ids: Sequence[int], column: str) 
         return {int(image_id): np.asarray(value.to_numpy(), dtype=np.float32) for image_id, value in raw.fetchall()}
 
 
-#: Search vectors of near-duplicates are at least as close as their raw vectors (re-ranking
-#: averages in nearly the same neighbours), so this looser bound on them finds every candidate
-#: pair, and only those pairs' raw vectors (stored out of line) are read to confirm.
-CANDIDATE_SLACK = 1.5
+#: Two results whose search vectors are closer than NEAR_DUPLICATE_DISTANCE / this are
+#: checked on their raw vectors even without a recorded pair (copies in other collections, or
+#: before the refresh ran). Only then: raw vectors live out of line and cost a TOAST read each,
+#: and re-ranking pulls neighbours together, so search vectors alone would over-collapse.
+UNRECORDED_FACTOR = 3.0
 
 
 def _collapse(hits: list[Hit], *, version: EmbeddingModel, k: int) -> list[tuple[int, float]]:
     """Keep the best-ranked image of each group of near-duplicates among the results, up to k.
 
-    A copy of the query photo itself still shows (once): finding it is what a search by a
-    photo is for.
+    Pairs come from the collection refresh, which compared raw vectors (NearDuplicate rows),
+    plus results in different collections (or not yet refreshed) whose vectors say so. Pairs a
+    reviewer marked "not duplicates" are never collapsed. A copy of the query photo itself still
+    shows (once): finding it is what a search by a photo is for.
     """
     threshold = float(settings.NEAR_DUPLICATE_DISTANCE)
     rows = [(image_id, distance) for image_id, distance, _ in hits]
     if threshold <= 0 or len(hits) < 2:
         return rows[:k]
-    searchable = np.stack([_unit(vector) for _, _, vector in hits])
-    close = np.argwhere(np.triu(searchable @ searchable.T > 1.0 - CANDIDATE_SLACK * threshold, 1))
-    if not len(close):
-        return rows[:k]
     ids = [image_id for image_id, _ in rows]
-    involved = sorted({ids[i] for pair in close for i in pair})
-    raw = {image_id: _unit(v) for image_id, v in _vectors(version=version, image_ids=involved, column="vector").items()}
-    duplicates = {
-        (min(ids[i], ids[j]), max(ids[i], ids[j])) for i, j in close
-        if ids[i] in raw and ids[j] in raw and 1.0 - float(raw[ids[i]] @ raw[ids[j]]) < threshold
-    }
-    if duplicates:
-        # Reviewers' "not duplicates" answers are remembered.
-        duplicates -= set(NearDuplicate.objects.filter(
-            first_id__in=involved, second_id__in=involved, status=NearDuplicate.Status.DISMISSED
-        ).values_list("first_id", "second_id"))
+    searchable = np.stack([_unit(vector) for _, _, vector in hits])
+    close = np.argwhere(np.triu(searchable @ searchable.T > 1.0 - threshold / UNRECORDED_FACTOR, 1))
+    duplicates: set[tuple[int, int]] = set()
+    if len(close):
+        involved = sorted({ids[i] for pair in close for i in pair})
+        raw = {i: _unit(v) for i, v in _vectors(version=version, image_ids=involved, column="vector").items()}
+        duplicates = {
+            (min(ids[i], ids[j]), max(ids[i], ids[j])) for i, j in close
+            if ids[i] in raw and ids[j] in raw and 1.0 - float(raw[ids[i]] @ raw[ids[j]]) < threshold
+        }
+    for first, second, status in NearDuplicate.objects.filter(first_id__in=ids, second_id__in=ids).values_list(
+        "first_id", "second_id", "status"
+    ):
+        if status == NearDuplicate.Status.DISMISSED:
+            duplicates.discard((first, second))
+        else:
+            duplicates.add((first, second))
     kept: list[tuple[int, float]] = []
     for image_id, distance in rows:
         if any((min(image_id, other), max(image_id, other)) in duplicates for other, _ in kept):

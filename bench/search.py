@@ -13,7 +13,8 @@ on scratch tables: `vector` vs `halfvec` storage, built and queried with the sam
 Optionally (--pages) the image page under 8 concurrent clients (Django test client, threads).
 
   .venv/bin/python bench/search.py --rows 100000 --storage --pages
-  .venv/bin/python bench/search.py --rows 1000000
+  .venv/bin/python bench/search.py --rows 1000000 --sweep 40,100,200
+  HNSW_EF_CONSTRUCTION=64 .venv/bin/python bench/search.py --rows 1000000 --sweep 40,100,200
 
 It runs its own PostgreSQL under a temporary directory (or --var DIR) and removes it after.
 """
@@ -204,6 +205,32 @@ def measure(world: dict, vectors: np.ndarray, queries: np.ndarray) -> list[dict[
     return report
 
 
+def sweep(world: dict, vectors: np.ndarray, queries: np.ndarray, values: list[int]) -> None:
+    """Recall@10 and latency of the unfiltered graph walk at several ef_search values."""
+    from django.conf import settings
+
+    from webapp import similarity
+
+    scope = similarity.search_scope(version=world["version"], viewer=world["admin"])
+    truths = []
+    for q in queries:
+        scores = vectors @ q.astype(np.float16).astype(np.float32)
+        truths.append(set(world["ids"][np.argpartition(-scores, K)[:K]].tolist()))
+    for ef in values:
+        settings.HNSW_EF_SEARCH = ef
+        for q in queries:  # warm
+            similarity.nearest(vector=q, scope=scope, k=K, plan="hnsw")
+        times, recalls = [], []
+        for q, truth in zip(queries, truths, strict=True):
+            started = time.perf_counter()
+            got = similarity.nearest(vector=q, scope=scope, k=K, plan="hnsw")
+            times.append((time.perf_counter() - started) * 1000)
+            recalls.append(len(truth.intersection(i for i, _ in got)) / K)
+        p50, p95 = percentiles(times)
+        print(f"  ef_search {ef}: recall@10 {np.mean(recalls):.3f} (queries at 0: {recalls.count(0.0)}), "
+              f"p50 {p50:.1f} ms, p95 {p95:.1f} ms", flush=True)
+
+
 def storage_experiment(vectors: np.ndarray, queries: np.ndarray) -> list[dict[str, object]]:
     """vector vs halfvec on scratch tables: build time, size, latency and recall at ef_search 40 and 100."""
     from django.conf import settings
@@ -309,6 +336,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--storage", action="store_true", help="also compare vector and halfvec storage")
     parser.add_argument("--pages", action="store_true", help="also time the image page under 8 clients")
+    parser.add_argument("--sweep", default="", help="ef_search values to sweep unfiltered, e.g. 40,100,200")
     parser.add_argument("--var", type=Path, help="keep the database here instead of a temporary directory")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="simili-bench-search-") as tmp:
@@ -340,6 +368,9 @@ def main() -> None:
                       f"{r['hnsw_p95']:.1f} ({r['hnsw_recall']:.3f}) | {r['exact_p50']:.1f} / {r['exact_p95']:.1f} | "
                       f"{r['numpy_p50']:.1f} | {r['exact_p50'] / r['app_p50']:.1f}x | "
                       f"{r['app_p50'] / r['numpy_p50']:.1f}x |")
+            if args.sweep:
+                print("\nunfiltered graph walk by ef_search:", flush=True)
+                sweep(world, vectors, queries, [int(v) for v in args.sweep.split(",")])
             if args.pages:
                 print(f"\nimage page, 8 clients: {pages(world, clients=8, requests=25)}", flush=True)
             if args.storage:

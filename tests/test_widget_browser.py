@@ -29,7 +29,9 @@ def gallery(owner, photos, settings):
         thumb = photo_bytes(array)
         storage.write_atomic(image.thumbnail_path, thumb)
         storage.write_atomic(image.file_path, thumb)
-        vector = unit_vector(1) + 0.15 * index * unit_vector(2)
+        # Further from photo 0 as the index grows, each off in its own direction: an order to
+        # check, and no two results near-duplicates of each other (they would show once).
+        vector = unit_vector(1) + 0.5 * index * unit_vector(10 + index)
         embed(image, vector / (vector @ vector) ** 0.5, version)
         images.append(image)
     secret = ImageFactory(collection=private)

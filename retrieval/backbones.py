@@ -94,6 +94,23 @@ class BackboneSpec:
         return model.eval()
 
 
+def preprocessing_spec(
+    name: str,
+    *,
+    input_size: int,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    resize: str = "center_crop",
+) -> BackboneSpec:
+    """Return a spec that only carries preprocessing (training feeds tensors with it); it builds no model."""
+
+    def unused() -> FeatureModel:
+        raise NotImplementedError(f"{name}: a preprocessing-only spec builds no model")
+
+    return BackboneSpec(name=name, version="training", build=unused, weights=lambda: Path(), embedding_dim=0,
+                        input_size=input_size, mean=mean, std=std, resize=resize)
+
+
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 from tqdm import tqdm
 
-from retrieval.backbones import BackboneSpec, FeatureModel, register_backbone
+from retrieval.backbones import BackboneSpec, FeatureModel, preprocessing_spec, register_backbone
 from retrieval.errors import WeightsNotFound
 from retrieval.folders import open_rgb
 from retrieval.preprocessing import to_tensor
@@ -175,21 +175,8 @@ def _build_features(size: int, width: int) -> FeatureModel:
 
 def _preprocessing(size: int) -> BackboneSpec:
     """The spec both training and the backbone feed images with: centre square, `size` px, [-1, 1]."""
-
-    def unused() -> FeatureModel:
-        raise NotImplementedError
-
-    return BackboneSpec(
-        name="dcgan",
-        version="training",
-        build=unused,
-        weights=lambda: Path(),
-        embedding_dim=0,
-        input_size=check_size(size),
-        mean=MEAN,
-        std=STD,
-        resize="center_crop",  # the generator makes squares; the discriminator learnt squares
-    )
+    # Centre squares: the generator makes squares; the discriminator learnt squares.
+    return preprocessing_spec("dcgan", input_size=check_size(size), mean=MEAN, std=STD, resize="center_crop")
 
 
 # --- checkpoints ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from retrieval.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, FeatureModel
+from retrieval.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, preprocessing_spec
 from retrieval.evaluation import evaluate_ranking, rank_by_similarity
 from retrieval.extraction import l2_normalize
 from retrieval.folders import LabelledFolder, open_rgb
@@ -83,20 +83,8 @@ class Generated:
 
 
 def _tensor_spec(input_size: int) -> BackboneSpec:
-    """A spec carrying only the preprocessing the small CNN is trained with (its build is unused)."""
-
-    def unused() -> FeatureModel:
-        raise NotImplementedError
-
-    return BackboneSpec(
-        name="small_cnn",
-        version="training",
-        build=unused,
-        weights=lambda: Path(),
-        embedding_dim=0,
-        input_size=input_size,
-        resize="center_crop",
-    )
+    """A spec carrying only the preprocessing the small CNN is trained with."""
+    return preprocessing_spec("small_cnn", input_size=input_size, resize="center_crop")
 
 
 def _load_tensors(paths: Sequence[Path], spec: BackboneSpec, *, progress: bool) -> torch.Tensor:

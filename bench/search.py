@@ -90,7 +90,7 @@ def load(vectors: np.ndarray) -> dict[str, object]:
     from django.contrib.auth import get_user_model
     from django.db import connection
 
-    from webapp import embeddings, services, vector_index
+    from webapp import embeddings, services
     from webapp.models import Image, ImageStatus, Visibility
 
     users = get_user_model().objects
@@ -102,8 +102,7 @@ def load(vectors: np.ndarray) -> dict[str, object]:
                    for i, o in enumerate(owners)]
     version = embeddings.embedding_model_ensure(key="efficientnet_lite0@imagenet-1", backbone="efficientnet_lite0",
                                                 dimensions=DIM)
-    with connection.cursor() as cursor:  # built once after the load, not grown insert by insert
-        vector_index.drop(cursor, version_id=version.pk)
+    embeddings.embedding_index_drop(version=version)  # built once after the load, not grown insert by insert
     rows = len(vectors)
     owner_of = np.arange(rows) % COLLECTIONS  # row i lives in collection i % 100
     started = time.perf_counter()

@@ -47,10 +47,9 @@ def duplicates_record(*, collection_id: int, pairs: Sequence[Pair]) -> int:
     """
     found = {(a, b): distance for a, b, distance in pairs}
     with transaction.atomic():
-        stale = NearDuplicate.objects.filter(collection_id=collection_id, status=NearDuplicate.Status.OPEN)
-        for pk, a, b in stale.values_list("pk", "first_id", "second_id"):
-            if (a, b) not in found:
-                NearDuplicate.objects.filter(pk=pk).delete()
+        open_pairs = NearDuplicate.objects.filter(collection_id=collection_id, status=NearDuplicate.Status.OPEN)
+        stale = [pk for pk, a, b in open_pairs.values_list("pk", "first_id", "second_id") if (a, b) not in found]
+        NearDuplicate.objects.filter(pk__in=stale).delete()
         NearDuplicate.objects.bulk_create(
             [NearDuplicate(collection_id=collection_id, first_id=a, second_id=b, distance=d) for (a, b), d in
              found.items()],

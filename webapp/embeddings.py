@@ -58,16 +58,32 @@ def embedding_model_ensure(*, key: str, backbone: str, dimensions: int) -> Embed
     return version
 
 
+#: Versions this process has seen an index for: the worker ensures its version on every batch,
+#: and an active version's index is never dropped, so it is looked up once per process.
+_INDEXED: set[int] = set()
+
+
 def embedding_index_build(*, version: EmbeddingModel) -> None:
     """Build the version's HNSW index if it has none (idempotent; quick when it exists)."""
+    if version.pk in _INDEXED:
+        return
     with connection.cursor() as cursor:
         if vector_index.exists(cursor, version_id=version.pk):
+            if version.is_active:
+                _INDEXED.add(version.pk)
             return
         vector_index.build(
             cursor, version_id=version.pk, dimensions=version.dimensions, m=settings.HNSW_M,
             ef_construction=settings.HNSW_EF_CONSTRUCTION, memory=settings.HNSW_BUILD_MEMORY,
         )
     logger.info("built the HNSW index of %s", version.key)
+
+
+def embedding_index_drop(*, version: EmbeddingModel) -> None:
+    """Drop the version's HNSW index (to rebuild it after a bulk load, or with the version)."""
+    _INDEXED.discard(version.pk)
+    with connection.cursor() as cursor:
+        vector_index.drop(cursor, version_id=version.pk)
 
 
 def embedding_index_exists(*, version: EmbeddingModel) -> bool:
@@ -160,8 +176,7 @@ def embedding_model_drop(*, version: EmbeddingModel) -> int:
     version.refresh_from_db()
     if version.is_active:
         raise ValueError(f"{version.key} is the active version; activate another one before dropping it")
-    with connection.cursor() as cursor:
-        vector_index.drop(cursor, version_id=version.pk)
+    embedding_index_drop(version=version)
     removed = 0
     while True:
         ids = list(Embedding.objects.filter(model_version=version).values_list("pk", flat=True)[:DROP_BATCH])
@@ -221,5 +236,5 @@ def embedding_model_reindex_step(*, version_id: int, skip: Sequence[int] = ()) -
             _reindex_state(version, f"done: {covered} of {total} ready images have a vector")
             return None
         tried.update(batch)
-    covered = Embedding.objects.filter(model_version=version).values_list("image_id", flat=True)
+    covered = Embedding.objects.filter(model_version=version, image_id__in=tried).values_list("image_id", flat=True)
     return sorted(tried.difference(covered))

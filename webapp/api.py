@@ -495,17 +495,13 @@ def search_examples(request: HttpRequest, payload: ExamplesIn) -> Any:
     missing = sorted(set(payload.positive + payload.negative) - {i.key for i in positives + negatives})
     if missing:
         raise ApiError(404, "not_found", f"No such ready image: {', '.join(missing)}")
-    query = None if version is None else similarity.examples_query(positives=positives, negatives=negatives,
-                                                                   version=version)
-    if version is None or query is None:
-        return Status(200, {"model": version.key if version else None, "results": []})
     try:
-        results = similarity.images_search(query=query, version=version, viewer=viewer, k=payload.k,
-                                           collection_ids=collection_ids)
+        results = similarity.examples_search(positives=positives, negatives=negatives, version=version,
+                                             viewer=viewer, k=payload.k, collection_ids=collection_ids)
     except ValueError as exc:  # the examples cancel out
         raise ApiError(400, "invalid_request", str(exc)) from exc
     return Status(200, {
-        "model": version.key,
+        "model": version.key if version else None,
         "results": [{"image": r.image, "similarity": r.similarity} for r in results],
     })
 

@@ -329,6 +329,28 @@ def examples_query(*, positives: Sequence[Image], negatives: Sequence[Image] = (
     )
 
 
+def examples_search(
+    *,
+    positives: Sequence[Image],
+    negatives: Sequence[Image] = (),
+    version: EmbeddingModel | None,
+    viewer: Viewer,
+    k: int,
+    collection_ids: Sequence[int] | None = None,
+) -> list[SimilarImage]:
+    """Return the images like the positive examples and unlike the negative ones, examples left out.
+
+    Empty before any version exists or while an example has no vector of it; raises ValueError
+    when the examples cancel out.
+    """
+    if version is None or not positives:
+        return []
+    query = examples_query(positives=positives, negatives=negatives, version=version)
+    if query is None:
+        return []
+    return images_search(query=query, version=version, viewer=viewer, k=k, collection_ids=collection_ids)
+
+
 def image_similar(
     *,
     image: Image,

@@ -468,17 +468,13 @@ def _search_examples(request: HttpRequest, context: dict[str, object]) -> HttpRe
     """Relevance feedback: ?positive=KEY&negative=KEY…, refined by the links beside each result."""
     positives = similarity.images_visible(keys=request.GET.getlist("positive")[:20], viewer=request.user)
     negatives = similarity.images_visible(keys=request.GET.getlist("negative")[:20], viewer=request.user)
-    version = selectors.active_model_version()
-    query = None
-    if positives and version is not None:
-        query = similarity.examples_query(positives=positives, negatives=negatives, version=version)
     results = []
-    if query is not None and version is not None:
-        try:
-            results = similarity.images_search(query=query, version=version, viewer=request.user,
-                                               k=settings.SIMILAR_K)
-        except ValueError as exc:
-            context["unavailable"] = str(exc)
+    try:
+        results = similarity.examples_search(positives=positives, negatives=negatives,
+                                             version=selectors.active_model_version(), viewer=request.user,
+                                             k=settings.SIMILAR_K)
+    except ValueError as exc:  # the examples cancel out
+        context["unavailable"] = str(exc)
     keys = {"positive": [i.key for i in positives], "negative": [i.key for i in negatives]}
     context.update(
         positives=positives, negatives=negatives, results=results,

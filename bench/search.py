@@ -10,7 +10,8 @@ For each: p50/p95 latency and recall@10 against the exact answer over the same h
 vectors; the same queries as a forced exact scan (`similarity.nearest(plan="exact")`) and as
 numpy in memory (the reference floor); the ratios. Optionally (--storage) a side experiment
 on scratch tables: `vector` vs `halfvec` storage, built and queried with the same settings.
-Optionally (--pages) the image page under 8 concurrent clients (Django test client, threads).
+Optionally (--pages) the image page under 8 concurrent clients (Django test client, processes),
+with the similar-list cache off, on first visits, on repeat visits and under a Zipf mix.
 
   .venv/bin/python bench/search.py --rows 100000 --storage --pages
   .venv/bin/python bench/search.py --rows 1000000 --sweep 40,100,200
@@ -283,14 +284,19 @@ def storage_experiment(vectors: np.ndarray, queries: np.ndarray) -> list[dict[st
     return out
 
 
-def pages(world: dict, clients: int, requests: int) -> dict[str, float]:
+def pages(world: dict, clients: int, requests: int) -> list[dict[str, object]]:
     """The image page (similar images with re-ranking, as deployed) under concurrent clients.
 
     Each client is its own process (forked, its own database connection), like a server with one
     worker per client; the time is the Django handler's, middleware included (server time).
+    Phases, in one run: the cache off (the baseline), first visits (every page a miss, which
+    fills the cache), the same pages again (every page a hit), and a popularity mix: page keys
+    drawn from a Zipf distribution (s = 1.1) over 2,000 images after the cache is emptied.
     """
     import multiprocessing
 
+    from django.conf import settings
+    from django.core.cache import cache
     from django.db import connections
     from django.test import Client
 
@@ -299,34 +305,51 @@ def pages(world: dict, clients: int, requests: int) -> dict[str, float]:
     # The page as an anonymous visitor sees it: the 10% viewer's collections made public.
     Collection.objects.filter(owner=world["ten"]).update(visibility=Visibility.PUBLIC)
     keys = list(Image.objects.filter(collection__owner=world["ten"]).values_list("key", flat=True)[:2000])
-    Client().get(f"/i/{keys[0]}/")  # warm
+    Client().get(f"/i/{keys[-1]}/")  # warm
     connections.close_all()
 
-    def worker(offset: int, queue: multiprocessing.Queue) -> None:
+    def worker(sequence: list[str], queue: multiprocessing.Queue) -> None:
         client = Client()
         times, errors = [], 0
-        for i in range(requests):
-            key = keys[(offset * requests + i) % len(keys)]
+        for key in sequence:
             started = time.perf_counter()
             response = client.get(f"/i/{key}/")
             times.append((time.perf_counter() - started) * 1000)
             errors += response.status_code != 200
         queue.put((times, errors))
 
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    processes = [context.Process(target=worker, args=(n, queue)) for n in range(clients)]
-    started = time.perf_counter()
-    for process in processes:
-        process.start()
-    results = [queue.get() for _ in processes]
-    for process in processes:
-        process.join()
-    wall = time.perf_counter() - started
-    times = [t for chunk, _ in results for t in chunk]
-    p50, p95 = percentiles(times)
-    return {"clients": clients, "requests": len(times), "errors": sum(e for _, e in results), "p50": p50,
-            "p95": p95, "per_second": len(times) / wall}
+    def run(name: str, sequences: list[list[str]], cache_seconds: int) -> dict[str, object]:
+        settings.SIMILAR_CACHE_SECONDS = cache_seconds
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        processes = [context.Process(target=worker, args=(seq, queue)) for seq in sequences]
+        started = time.perf_counter()
+        for process in processes:
+            process.start()
+        results = [queue.get() for _ in processes]
+        for process in processes:
+            process.join()
+        wall = time.perf_counter() - started
+        times = [t for chunk, _ in results for t in chunk]
+        requested = [key for seq in sequences for key in seq]
+        p50, p95 = percentiles(times)
+        row = {"phase": name, "clients": clients, "requests": len(times), "errors": sum(e for _, e in results),
+               "p50": round(p50, 1), "p95": round(p95, 1), "per_second": round(len(times) / wall, 1),
+               "distinct pages": len(set(requested))}
+        print(f"  {row}", flush=True)
+        return row
+
+    distinct = [[keys[(n * requests + i) % len(keys)] for i in range(requests)] for n in range(clients)]
+    rng = np.random.default_rng(1)
+    weights = 1.0 / np.arange(1, len(keys) + 1) ** 1.1
+    zipf = [list(rng.choice(keys, size=requests * 2, p=weights / weights.sum())) for _ in range(clients)]
+    out = [run("cache off", distinct, 0)]
+    cache.clear()
+    out.append(run("first visits", distinct, 3600))
+    out.append(run("repeat visits", distinct, 3600))
+    cache.clear()
+    out.append(run("popular (Zipf 1.1)", zipf, 3600))
+    return out
 
 
 def main() -> None:
@@ -371,7 +394,8 @@ def main() -> None:
                 print("\nunfiltered graph walk by ef_search:", flush=True)
                 sweep(world, vectors, queries, [int(v) for v in args.sweep.split(",")])
             if args.pages:
-                print(f"\nimage page, 8 clients: {pages(world, clients=8, requests=25)}", flush=True)
+                print("\nimage page, 8 clients:", flush=True)
+                pages(world, clients=8, requests=25)
             if args.storage:
                 print("\nstorage experiment (scratch tables, same vectors):", flush=True)
                 storage_experiment(vectors[: min(args.rows, 100_000)], queries)

@@ -270,6 +270,9 @@ EMBEDDING_POOLING = env_choice("EMBEDDING_POOLING", "gap", {"gap", "gem"})
 EMBEDDING_SCALES = env_int_list("EMBEDDING_SCALES", [224], minimum=16)
 EMBEDDING_PROJECTION = env_str("EMBEDDING_PROJECTION", "")  # a .npz from `python -m retrieval.train`
 SIMILAR_K = env_int("SIMILAR_K", 12, minimum=1, maximum=100)
+# Seconds a stored image's similar list stays in the cache (Redis); any write to embeddings or
+# near-duplicate pairs moves the key on, so this only bounds memory. 0 turns the cache off.
+SIMILAR_CACHE_SECONDS = env_int("SIMILAR_CACHE_SECONDS", 3600, minimum=0)
 # Bulk embedding: images claimed per batch, threads decoding the next batch during inference,
 # and how long one task keeps claiming batches before handing over (docs/benchmarks.md).
 EMBED_BATCH_SIZE = env_int("EMBED_BATCH_SIZE", 32, minimum=1, maximum=1024)

@@ -14,13 +14,18 @@ picks the plan (docs/search.md):
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 from django.conf import settings
+from django.core.cache import cache
 from django.db import connection, transaction
 from django.db.models import Q
 
@@ -28,6 +33,8 @@ from retrieval.reranking import expand_query
 from webapp.embeddings import binary_cursor
 from webapp.models import Collection, EmbeddingModel, Image, NearDuplicate
 from webapp.selectors import Viewer, active_model_version, is_admin, listed_filter
+
+logger = logging.getLogger(__name__)
 
 #: What new_key() makes (token_urlsafe); anything else is no image's key.
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,24}")
@@ -114,12 +121,62 @@ def _where(scope: Scope) -> tuple[str, dict[str, object]]:
 HNSW_MIN_SHARE = 0.05
 
 
-def choose_plan(scope: Scope) -> Plan:
-    """Exact for a filter over few rows (and a small share of the graph), HNSW otherwise."""
+def search_generation() -> str:
+    """Return what moves whenever results may change (migration 0009's triggers).
+
+    The counter's value, prefixed by the counter's own identity: a database created anew (a
+    restore, a test run) makes a new counter, so a cache that outlived the old one never
+    answers for the new one even where the numbers repeat.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 'simili_search_generation'::regclass::oid::bigint, last_value "
+                       "FROM simili_search_generation")
+        identity, value = cursor.fetchone()
+        return f"{int(identity)}.{int(value)}"
+
+
+def _collections_digest(collection_ids: Sequence[int] | None) -> str:
+    if collection_ids is None:
+        return "all"
+    joined = ",".join(str(int(pk)) for pk in sorted(collection_ids))
+    return hashlib.blake2b(joined.encode(), digest_size=12).hexdigest()
+
+
+#: Plans chosen per (generation, version, visible collections), in this process: the bounded
+#: count behind a plan reads up to EXACT_SEARCH_MAX_ROWS index entries, and its answer holds
+#: until an embedding is written. Bounded: the least recently used go first.
+_PLANS: OrderedDict[tuple[str, int, str], Plan] = OrderedDict()
+_PLANS_LOCK = threading.Lock()
+PLAN_MEMORY = 1024
+
+
+def choose_plan(scope: Scope, *, generation: str | None = None) -> Plan:
+    """Exact for a filter over few rows (and a small share of the graph), HNSW otherwise.
+
+    With the search generation, the answer is remembered until an embedding is written.
+    """
     if scope.collection_ids is None:
         return "hnsw"
     if not scope.collection_ids:
         return "exact"
+    if generation is None:
+        return _count_plan(scope)
+    key = (generation, int(scope.version.pk), _collections_digest(scope.collection_ids))
+    with _PLANS_LOCK:
+        plan = _PLANS.get(key)
+        if plan is not None:
+            _PLANS.move_to_end(key)
+            return plan
+    plan = _count_plan(scope)
+    with _PLANS_LOCK:
+        _PLANS[key] = plan
+        while len(_PLANS) > PLAN_MEMORY:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def _count_plan(scope: Scope) -> Plan:
+    assert scope.collection_ids is not None
     limit = int(settings.EXACT_SEARCH_MAX_ROWS)
     where, params = _where(scope)
     with connection.cursor() as cursor:
@@ -284,7 +341,15 @@ def images_search(
     """
     scope = search_scope(version=version, viewer=viewer, collection_ids=collection_ids,
                          exclude_image_ids=query.exclude_image_ids)
-    plan = choose_plan(scope)
+    rows = _search_rows(query=query, scope=scope, k=k, expand=expand, generation=search_generation())
+    return _similar_images(rows, scope)
+
+
+def _search_rows(
+    *, query: SearchQuery, scope: Scope, k: int, expand: int | None, generation: str | None,
+) -> list[tuple[int, float]]:
+    """Return (image id, cosine distance) of the k results, re-ranked and collapsed."""
+    plan = choose_plan(scope, generation=generation)
     vector = query.vector()
     n = settings.SIMILAR_QE if expand is None else expand
     if n > 0:
@@ -292,12 +357,23 @@ def images_search(
         if first:
             vector = expand_query(vector, np.stack([v for _, _, v in first]), n=n, alpha=settings.SIMILAR_ALPHA)
     margin = COLLAPSE_MARGIN if settings.NEAR_DUPLICATE_DISTANCE > 0 else 0
-    rows = _collapse(nearest_hits(vector=vector, scope=scope, k=k + margin, plan=plan), version=version, k=k)
+    return _collapse(nearest_hits(vector=vector, scope=scope, k=k + margin, plan=plan), version=scope.version, k=k)
+
+
+def _similar_images(rows: Sequence[tuple[int, float]], scope: Scope) -> list[SimilarImage]:
+    """Load the result rows' images, keeping only ready ones the scope still allows.
+
+    The SQL already filtered on the scope; the check here is what keeps a cached list from
+    showing an image that has since left the viewer's collections or stopped being ready.
+    """
     images = Image.objects.select_related("collection").in_bulk([image_id for image_id, _ in rows])
+    allowed = None if scope.collection_ids is None else set(scope.collection_ids)
+    excluded = set(scope.exclude_image_ids)
     return [
         SimilarImage(image=images[image_id], similarity=1.0 - distance)
         for image_id, distance in rows
-        if image_id in images
+        if image_id in images and images[image_id].is_ready and image_id not in excluded
+        and (allowed is None or images[image_id].collection_id in allowed)
     ]
 
 
@@ -359,15 +435,60 @@ def image_similar(
     collection_ids: Sequence[int] | None = None,
     version: EmbeddingModel | None = None,
 ) -> list[SimilarImage]:
-    """Return the images most similar to a stored image, among those the viewer may see."""
+    """Return the images most similar to a stored image, among those the viewer may see.
+
+    The list is cached (SIMILAR_CACHE_SECONDS) under the search generation, the version, the
+    image and the viewer's visible collections: any embedding or near-duplicate write moves
+    the generation, so a cached list is never older than the data it was computed from, and
+    its images are re-checked against the viewer's collections when they are loaded.
+    """
     version = version or active_model_version()
     if version is None or not image.is_ready:
         return []
-    query = examples_query(positives=[image], version=version)
-    if query is None:
-        return []
-    return images_search(query=query, version=version, viewer=viewer, k=k or settings.SIMILAR_K,
-                         collection_ids=collection_ids)
+    k = k or settings.SIMILAR_K
+    scope = search_scope(version=version, viewer=viewer, collection_ids=collection_ids,
+                         exclude_image_ids=[image.pk])
+    generation = search_generation()
+    key = _similar_cache_key(image=image, scope=scope, k=k, generation=generation)
+    rows = _cache_get(key)
+    if rows is None:
+        query = examples_query(positives=[image], version=version)
+        if query is None:
+            return []
+        rows = _search_rows(query=query, scope=scope, k=k, expand=None, generation=generation)
+        _cache_set(key, rows)
+    return _similar_images(rows, scope)
+
+
+def _similar_cache_key(*, image: Image, scope: Scope, k: int, generation: str) -> str:
+    # The settings that shape a result list are part of the key: a restart with other values
+    # never reads lists computed with the old ones.
+    shape = (settings.SIMILAR_QE, settings.SIMILAR_ALPHA, settings.HNSW_EF_SEARCH,
+             settings.NEAR_DUPLICATE_DISTANCE, settings.EXACT_SEARCH_MAX_ROWS)
+    digest = hashlib.blake2b(repr(shape).encode(), digest_size=6).hexdigest()
+    return (f"similar:{generation}:{int(scope.version.pk)}:{int(image.pk)}:{k}:"
+            f"{_collections_digest(scope.collection_ids)}:{digest}")
+
+
+def _cache_get(key: str) -> list[tuple[int, float]] | None:
+    """Return a cached result list, or None: the cache is an optimisation, never a failure."""
+    if settings.SIMILAR_CACHE_SECONDS <= 0:
+        return None
+    try:
+        value = cache.get(key)
+    except Exception:  # noqa: BLE001 — Redis down: compute instead
+        logger.warning("similar-image cache unavailable", exc_info=True)
+        return None
+    return [(int(i), float(d)) for i, d in value] if value is not None else None
+
+
+def _cache_set(key: str, rows: Sequence[tuple[int, float]]) -> None:
+    if settings.SIMILAR_CACHE_SECONDS <= 0:
+        return
+    try:
+        cache.set(key, [(int(i), float(d)) for i, d in rows], settings.SIMILAR_CACHE_SECONDS)
+    except Exception:  # noqa: BLE001
+        logger.warning("similar-image cache unavailable", exc_info=True)
 
 
 def images_visible(*, keys: Sequence[str], viewer: Viewer) -> list[Image]:

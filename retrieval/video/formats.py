@@ -109,6 +109,11 @@ def accepted_formats_text() -> str:
     return ", ".join(spec.label for spec in FORMATS.values())
 
 
+#: ISO BMFF major brands of still images (HEIF, HEIC, AVIF) and their image sequences.
+_STILL_IMAGE_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif",
+                                 b"avis"})
+
+
 def sniff_format(head: bytes) -> str | None:
     """Return the short format name ("mp4", "mov", "webm", "gif", "webp") of a file's first bytes.
 
@@ -119,6 +124,8 @@ def sniff_format(head: bytes) -> str | None:
         The name, or None when the bytes start no accepted format (Matroska other than WebM included).
     """
     if head[4:8] == b"ftyp":
+        if head[8:12] in _STILL_IMAGE_BRANDS:
+            return None  # HEIC/AVIF photos share the ISO box format: they are images
         return "mov" if head[8:12] == b"qt  " else "mp4"
     if head[4:8] in _QUICKTIME_ATOMS:
         return "mov"

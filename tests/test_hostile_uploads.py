@@ -339,11 +339,6 @@ def _greyscale_jpeg() -> bytes:
     return _encode(_halves(40, 200, mode="L"), "JPEG", quality=95)
 
 
-def _animated_gif() -> bytes:
-    frames = [PILImage.new("RGB", (64, 32), colour) for colour in (RED, GREEN, BLUE)]
-    return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-
-
 def _multipage_tiff() -> bytes:
     pages = [PILImage.new("RGB", (64, 32), colour) for colour in (RED, BLUE)]
     return _encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
@@ -356,7 +351,6 @@ ACCEPTED: list[tuple[str, str, Callable[[], bytes], list[tuple[float, tuple[int,
     ("rgba-png", "rgba.png", _rgba_png, [(0.2, WHITE), (0.8, GREEN)]),
     ("la-png", "la.png", _la_png, [(0.2, WHITE), (0.8, BLACK)]),
     ("greyscale-jpeg", "grey.jpg", _greyscale_jpeg, [(0.2, (40, 40, 40)), (0.8, (200, 200, 200))]),
-    ("animated-gif", "anim.gif", _animated_gif, [(0.5, RED)]),
     ("multipage-tiff", "pages.tif", _multipage_tiff, [(0.5, RED)]),
     ("heic", "phone.heic", lambda: _encode(_halves(RED, BLUE), "HEIF", quality=90), [(0.2, RED), (0.8, BLUE)]),
     ("webp", "web.webp", lambda: _encode(_halves(RED, BLUE), "WEBP", lossless=True), [(0.2, RED), (0.8, BLUE)]),

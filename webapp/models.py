@@ -259,3 +259,137 @@ class NearDuplicate(models.Model):
     def __str__(self) -> str:
         return f"{self.first_id} ~ {self.second_id} ({self.distance:.3f})"
 
+
+
+class Video(models.Model):
+    """A short video in a collection; searchable through the frames its worker sampled.
+
+    Visibility is its collection's, as for images. Statuses are the images' (pending, processing,
+    ready, failed): frames and vectors are written in one transaction as it becomes ready.
+    """
+
+    key = models.CharField(max_length=24, unique=True, default=new_key, editable=False)
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="videos")
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    sha256 = models.CharField(max_length=64)
+    file_path = models.CharField(max_length=200)
+    poster_path = models.CharField(max_length=200, blank=True)
+    strip_path = models.CharField(max_length=200, blank=True)
+    original_name = models.CharField(max_length=255, blank=True)
+    mime_type = models.CharField(max_length=50)
+    container = models.CharField(max_length=16)  # mp4, mov, webm, gif, webp
+    codec = models.CharField(max_length=50, blank=True)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    duration = models.FloatField()  # seconds
+    byte_size = models.PositiveBigIntegerField()
+    status = models.CharField(max_length=16, choices=ImageStatus.choices, default=ImageStatus.PENDING)
+    error = models.TextField(blank=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["collection", "sha256"], name="video_unique_per_collection")
+        ]
+        indexes = [
+            models.Index(fields=["collection", "-created_at"], name="video_collection_recent"),
+            models.Index(fields=["status"], name="video_status"),
+        ]
+
+    def __str__(self) -> str:
+        return self.original_name or self.key
+
+    def get_absolute_url(self) -> str:
+        from django.urls import reverse
+
+        return reverse("video", args=[self.key])
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == ImageStatus.READY
+
+
+class VideoFrame(models.Model):
+    """A frame the worker sampled from a video: its time and its small JPEG (a keyframe)."""
+
+    video = models.ForeignKey(Video, on_delete=models.CASCADE, related_name="frames")
+    timestamp = models.FloatField()  # seconds from the start
+    thumbnail_path = models.CharField(max_length=200)
+
+    class Meta:
+        ordering = ["video", "timestamp"]
+        constraints = [models.UniqueConstraint(fields=["video", "timestamp"], name="video_frame_unique_time")]
+
+    def __str__(self) -> str:
+        return f"{self.video_id} @ {self.timestamp:.2f} s"
+
+
+class FrameEmbedding(models.Model):
+    """A frame's vector under an image model version: what a photo's search compares it with."""
+
+    frame = models.ForeignKey(VideoFrame, on_delete=models.CASCADE, related_name="embeddings")
+    # Copies of frame.video_id and video.collection_id: the moment search filters and groups
+    # on them inside this one table.
+    video = models.ForeignKey(Video, on_delete=models.CASCADE, related_name="+", db_index=False)
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="+", db_index=False)
+    model_version = models.ForeignKey(EmbeddingModel, on_delete=models.PROTECT, related_name="+", db_index=False)
+    vector = HalfVectorField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["frame", "model_version"], name="frame_embedding_unique_per_version")
+        ]
+        indexes = [models.Index(fields=["model_version", "collection"], name="frame_embedding_version_coll")]
+
+
+class VideoEncoder(models.Model):
+    """A trained recurrent encoder (frame vectors -> one video vector): a video model version.
+
+    `frame_version` is the image model version whose frame vectors it reads. Trained on one
+    collection's videos (self-supervised), it then encodes every video with such frame vectors.
+    """
+
+    key = models.CharField(max_length=200, unique=True)
+    frame_version = models.ForeignKey(EmbeddingModel, on_delete=models.PROTECT, related_name="+")
+    trained_on = models.ForeignKey(Collection, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    checkpoint_path = models.CharField(max_length=500)
+    dimensions = models.PositiveIntegerField()
+    videos_seen = models.PositiveIntegerField(default=0)
+    final_loss = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class VideoEmbedding(models.Model):
+    """One vector per video and representation: mean-pooled frames (encoder NULL) or an encoder's."""
+
+    video = models.ForeignKey(Video, on_delete=models.CASCADE, related_name="embeddings")
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="+", db_index=False)
+    frame_version = models.ForeignKey(EmbeddingModel, on_delete=models.PROTECT, related_name="+", db_index=False)
+    encoder = models.ForeignKey(VideoEncoder, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    vector = VectorField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["video", "frame_version"], condition=models.Q(encoder__isnull=True),
+                name="video_embedding_unique_mean",
+            ),
+            models.UniqueConstraint(
+                fields=["video", "encoder"], condition=models.Q(encoder__isnull=False),
+                name="video_embedding_unique_encoder",
+            ),
+        ]
+        indexes = [models.Index(fields=["frame_version", "collection"], name="video_embedding_version_coll")]

@@ -15,9 +15,9 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from retrieval import imaging
-from retrieval.errors import ImageRejected
+from retrieval.errors import ImageRejected, RetrievalError
 from retrieval.reranking import expand_queries, expand_query
-from webapp import pipeline, storage
+from webapp import pipeline, storage, videos
 from webapp.models import ApiToken, Collection, Embedding, EmbeddingModel, Image, ImageStatus
 
 logger = logging.getLogger(__name__)
@@ -38,18 +38,43 @@ REJECTION_STATUS = {
     "empty_file": 400,
     "corrupt_image": 400,
     "invalid_image": 400,
+    "video_too_long": 413,
+    "video_too_large": 413,
+    "unsupported_codec": 415,
+    "no_video_stream": 415,
+    "not_animated": 415,
+    "corrupt_video": 400,
 }
 
 
-def rejection_status(exc: ImageRejected) -> int:
+def rejection_status(exc: ImageRejected | RetrievalError) -> int:
     """Return the HTTP status that answers a rejected upload."""
-    return REJECTION_STATUS.get(exc.code, 400)
+    return REJECTION_STATUS.get(str(getattr(exc, "code", "")), 400)
 
 
 def upload_check_size(*, size: int) -> None:
     """Raise `UploadTooLarge` before reading a file that is over the byte limit."""
     if size > settings.MAX_UPLOAD_BYTES:
         raise UploadTooLarge(f"The file is {size:,} bytes; at most {settings.MAX_UPLOAD_BYTES:,} bytes are accepted.")
+
+
+def upload_read(upload: object, *, size: int) -> bytes:
+    """Read an uploaded file after checking its size against the limit for what it starts as.
+
+    Videos (and GIF/WebP, which may be animated) have their own, larger limit; a still image
+    read under it is checked against MAX_UPLOAD_BYTES again by `image_ingest`.
+    """
+    from retrieval import video as rv
+
+    head = upload.read(64)  # type: ignore[attr-defined]
+    upload.seek(0)  # type: ignore[attr-defined]
+    if rv.sniff_format(head) is not None:
+        if size > settings.MAX_VIDEO_BYTES:
+            raise UploadTooLarge(f"The file is {size:,} bytes; at most {settings.MAX_VIDEO_BYTES:,} bytes "
+                                 "are accepted for a video.")
+    else:
+        upload_check_size(size=size)
+    return bytes(upload.read())  # type: ignore[attr-defined]
 
 
 class SearchUnavailable(Exception):
@@ -190,7 +215,7 @@ def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
     root = Path(settings.MEDIA_ROOT)
     cutoff = time.time() - older_than_seconds
     candidates: list[tuple[Path, str]] = []  # (file, the stored path that keeps it alive, or "")
-    for kind in ("originals", "thumbnails", "thumbnails-small", "queries"):
+    for kind in ("originals", "thumbnails", "thumbnails-small", "queries", "videos", "frames", "strips"):
         for path in (root / kind).rglob("*") if (root / kind).exists() else []:
             if not path.is_file() or path.stat().st_mtime > cutoff:
                 continue
@@ -204,6 +229,7 @@ def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
         keys = [key for _, key in batch if key]
         rows = Image.objects.filter(Q(file_path__in=keys) | Q(thumbnail_path__in=keys))
         referenced = {path for pair in rows.values_list("file_path", "thumbnail_path") for path in pair}
+        referenced |= videos.paths_referenced(keys)
         for path, key in batch:
             if key and key in referenced:
                 continue
@@ -276,6 +302,8 @@ def delete_unreferenced(relative: str) -> None:
     if Image.objects.filter(file_path=relative).exists():
         return
     if Image.objects.filter(thumbnail_path=relative).exists():
+        return
+    if videos.paths_referenced([relative]):
         return
     storage.delete(relative)
     if relative.startswith("thumbnails/"):

@@ -259,12 +259,33 @@ DATA_UPLOAD_MAX_NUMBER_FILES = MAX_FILES_PER_UPLOAD
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 THUMBNAIL_SIZE = env_int("THUMBNAIL_SIZE", 400, minimum=32, maximum=2048)
 
+# Videos (docs/video.md): MP4, MOV, WebM, animated GIF and WebP, sniffed by content.
+MAX_VIDEO_BYTES = env_int("MAX_VIDEO_BYTES", 200 * 1024 * 1024, minimum=1)
+MAX_VIDEO_SECONDS = env_float("MAX_VIDEO_SECONDS", 300.0, minimum=0.1)
+MAX_VIDEO_PIXELS = env_int("MAX_VIDEO_PIXELS", 3840 * 2160, minimum=1)
+# Frames sampled per video: one every VIDEO_FRAME_EVERY seconds plus scene changes (a histogram
+# distance above VIDEO_SCENE_THRESHOLD; 0 turns that off), at most VIDEO_MAX_FRAMES.
+VIDEO_FRAME_EVERY = env_float("VIDEO_FRAME_EVERY", 1.0, minimum=0.0)
+VIDEO_SCENE_THRESHOLD = env_float("VIDEO_SCENE_THRESHOLD", 0.1, minimum=0.0)
+VIDEO_MAX_FRAMES = env_int("VIDEO_MAX_FRAMES", 300, minimum=1, maximum=10_000)
+VIDEO_STRIP_HEIGHT = env_int("VIDEO_STRIP_HEIGHT", 96, minimum=16, maximum=512)
+VIDEO_MOMENTS_K = env_int("VIDEO_MOMENTS_K", 6, minimum=0, maximum=50)
+# What "similar videos" compares: "mean" (mean-pooled frame vectors) or "gru" (the newest
+# trained recurrent encoder, where it has encoded the video; mean pooling otherwise).
+VIDEO_ENCODER = env_choice("VIDEO_ENCODER", "mean", {"mean", "gru"})
+if VIDEO_FRAME_EVERY == 0 and VIDEO_SCENE_THRESHOLD == 0:
+    raise ImproperlyConfigured("VIDEO_FRAME_EVERY and VIDEO_SCENE_THRESHOLD cannot both be 0: no frame would be kept")
+
 # Retrieval
 EMBEDDING_BACKBONE = env_str("EMBEDDING_BACKBONE", "efficientnet_lite0")
 EMBEDDING_DEVICE = env_choice("EMBEDDING_DEVICE", "auto", {"auto", "cpu", "cuda"})
 # On the CPU the default recipe runs in ONNX Runtime (exported once from the torch model into
 # var/cache/onnx): 7x faster per image than eager PyTorch here. "torch" forces PyTorch.
 EMBEDDING_RUNTIME = env_choice("EMBEDDING_RUNTIME", "auto", {"auto", "onnx", "torch"})
+# ONNX Runtime's model: "int8" (statically quantised once into var/cache/onnx) takes 2.4x less CPU
+# per image than "fp32" for 0.003 less Corel-1k mAP (docs/quality.md); fp32 where the
+# quantisation tools are missing.
+ONNX_PRECISION = env_choice("ONNX_PRECISION", "int8", {"int8", "fp32"})
 EMBEDDING_RESIZE = env_choice("EMBEDDING_RESIZE", "short_side", {"short_side", "center_crop"})
 EMBEDDING_POOLING = env_choice("EMBEDDING_POOLING", "gap", {"gap", "gem"})
 EMBEDDING_SCALES = env_int_list("EMBEDDING_SCALES", [224], minimum=16)

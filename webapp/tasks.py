@@ -53,7 +53,26 @@ def embed_query(relative_path: str) -> dict[str, object]:
 
 @shared_task(name="simili.reconcile", ignore_result=True)
 def reconcile() -> int:
-    return services.images_requeue_stale()
+    from webapp import videos
+
+    return services.images_requeue_stale() + videos.videos_requeue_stale()
+
+
+class IndexVideoTask(Task):  # type: ignore[misc]
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        from webapp import videos
+
+        video_id = args[0] if args else kwargs.get("video_id")
+        logger.error("indexing video %s failed: %s", video_id, exc)
+        videos.video_mark_failed(video_id=video_id, error=f"{type(exc).__name__}: {exc}")
+
+
+@shared_task(base=IndexVideoTask, name="simili.index_video", autoretry_for=TRANSIENT_ERRORS, retry_backoff=2,
+             retry_backoff_max=120, max_retries=6, acks_late=True, ignore_result=True)
+def index_video(video_id: int) -> None:
+    from webapp import videos
+
+    videos.video_index(video_id=video_id)
 
 
 @shared_task(name="simili.media_gc", ignore_result=True)

@@ -98,7 +98,8 @@
 
   function sendOne(file, ui, token) {
     return new Promise(function (resolve) {
-      var maxBytes = parseInt(form.dataset.maxBytes, 10);
+      var video = /^video\//.test(file.type) || file.type === "image/gif" || file.type === "image/webp";
+      var maxBytes = parseInt(video ? form.dataset.maxVideoBytes : form.dataset.maxBytes, 10);
       if (maxBytes && file.size > maxBytes) {
         show(ui, "rejected", "Rejected: larger than " + Math.round(maxBytes / 1048576) + " MB");
         resolve(); return;
@@ -122,7 +123,10 @@
         try { body = JSON.parse(xhr.responseText); } catch (err) { body = null; }
         var result = body && body.results && body.results[0];
         ui.bar.value = 100;
-        if (result && result.outcome === "accepted") {
+        if (result && result.video) {
+          show(ui, "accepted", result.outcome === "duplicate" ? "Duplicate: already in this collection"
+            : "Accepted: the video is being indexed; it shows under Videos when ready");
+        } else if (result && result.outcome === "accepted") {
           show(ui, "accepted", "Accepted"); addTile(result);
         } else if (result && result.outcome === "duplicate") {
           show(ui, "duplicate", "Duplicate: already in this collection"); addTile(result);

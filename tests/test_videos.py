@@ -1,0 +1,268 @@
+"""Videos through the product: upload, the real worker's frame index, moments for a photo, visibility."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.urls import reverse
+from PIL import Image as PILImage
+
+from retrieval import video as rv
+from retrieval.synthetic_video import render_video
+from tests.conftest import media_files
+from webapp.models import FrameEmbedding, Image, ImageStatus, Video, VideoEmbedding, VideoFrame
+
+READY_TIMEOUT = 240  # the first task loads the CNN in the worker
+
+
+@pytest.fixture(autouse=True)
+def no_rate_limits(settings) -> None:
+    """These tests upload many files in a minute from one address; the limiter has its own tests."""
+    settings.RATE_LIMIT_UPLOAD = (0, 1)
+    settings.RATE_LIMIT_SEARCH = (0, 1)
+
+
+def skimage_photo(name: str) -> PILImage.Image:
+    from skimage import data
+
+    return PILImage.fromarray(getattr(data, name)()).convert("RGB")
+
+
+def make_clip(path: Path, photos: list[str], seconds: list[float], seed: int = 0) -> list[tuple[float, float]]:
+    return render_video([skimage_photo(p) for p in photos], path, shot_seconds=seconds, seed=seed)
+
+
+def jittered_crop(name: str) -> bytes:
+    """A photo of the same scene, not a frame: cropped, resized and re-encoded."""
+    photo = skimage_photo(name)
+    w, h = photo.size
+    crop = photo.crop((int(w * 0.1), int(h * 0.08), int(w * 0.85), int(h * 0.9))).resize((300, 220))
+    out = io.BytesIO()
+    crop.save(out, "JPEG", quality=80)
+    return out.getvalue()
+
+
+def create_collection(client, name: str, visibility: str = "public") -> str:
+    response = client.post(reverse("collection_create"), {"name": name, "visibility": visibility})
+    assert response.status_code == 302
+    return response["Location"].strip("/").split("/")[-1]
+
+
+def upload(client, key: str, name: str, data: bytes) -> dict:
+    response = client.post(reverse("collection_upload", args=[key]), {"files": [SimpleUploadedFile(name, data)]},
+                           HTTP_ACCEPT="application/json")
+    return {"status": response.status_code, **response.json()["results"][0]}
+
+
+def wait_ready(model, keys: list[str]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        statuses = dict(model.objects.filter(key__in=keys).values_list("key", "status"))
+        if all(statuses.get(k) in (ImageStatus.READY, ImageStatus.FAILED) for k in keys):
+            assert set(statuses.values()) == {ImageStatus.READY}, statuses
+            return
+        assert time.monotonic() < deadline, f"still processing: {statuses}"
+        time.sleep(0.3)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.worker
+def test_an_uploaded_video_is_indexed_and_a_photo_finds_its_moment(
+    celery_worker_process, owner_client, outsider_client, anonymous_client, owner, tmp_path
+) -> None:
+    key = create_collection(owner_client, "Clips")
+    shots_a = make_clip(tmp_path / "a.mp4", ["astronaut", "coffee"], [2.5, 3.5], seed=1)
+    make_clip(tmp_path / "b.mp4", ["chelsea", "rocket"], [3.0, 3.0], seed=2)
+    a = upload(owner_client, key, "a.mp4", (tmp_path / "a.mp4").read_bytes())
+    b = upload(owner_client, key, "b.mp4", (tmp_path / "b.mp4").read_bytes())
+    assert a["status"] == 202 and a["outcome"] == "accepted" and "video" in a, a
+    photo = upload(owner_client, key, "coffee-cup.jpg", jittered_crop("coffee"))
+    assert photo["status"] == 202 and "image" in photo
+    wait_ready(Video, [a["video"]["key"], b["video"]["key"]])
+    wait_ready(Image, [photo["image"]["key"]])
+
+    video = Video.objects.get(key=a["video"]["key"])
+    frames = list(VideoFrame.objects.filter(video=video).order_by("timestamp"))
+    # The worker kept what the sampler keeps for this file with the product's settings.
+    expected = rv.sample_frames(tmp_path / "a.mp4", every_seconds=1.0, scene_threshold=0.1, max_frames=300,
+                                max_side=400)
+    assert [f.timestamp for f in frames] == pytest.approx([f.timestamp for f in expected], abs=1e-3)
+    assert frames[0].timestamp == 0.0
+    assert all(any(abs(f.timestamp - second) <= 0.1 for f in frames) for second in range(6))  # one a second
+    assert any(abs(f.timestamp - shots_a[1][0]) <= 0.1 for f in frames)  # the cut at 2.5 s
+    assert FrameEmbedding.objects.filter(video=video).count() == len(frames)
+    assert VideoEmbedding.objects.filter(video=video, encoder__isnull=True).count() == 1
+    assert video.poster_path and video.strip_path
+    stored = {str(p).split("media/", 1)[1] for p in media_files()}
+    assert {video.file_path, video.poster_path, video.strip_path} <= stored
+
+    # The coffee photo's page lists the video that shows the coffee, at a second inside that shot.
+    page = outsider_client.get(reverse("image", args=[photo["image"]["key"]]))
+    assert page.status_code == 200
+    moments = page.context["moments"]
+    assert moments and moments[0].video.key == video.key
+    start, end = shots_a[1]
+    assert start - 1.0 <= moments[0].frame.timestamp <= end
+    assert {m.video.key for m in moments} == {video.key, b["video"]["key"]}  # one moment per video
+    html = page.content.decode()
+    assert f"{reverse('video', args=[video.key])}?t={moments[0].frame.timestamp:g}" in html
+
+    # Searching by an upload that is not stored finds the same moment.
+    response = outsider_client.post(reverse("search"), {"image": SimpleUploadedFile("q.jpg", jittered_crop("coffee"))})
+    assert response.status_code == 200
+    assert response.context["moments"][0].video.key == video.key
+
+    # The video page plays from that moment and lists its keyframes; media answer byte ranges.
+    player = anonymous_client.get(reverse("video", args=[video.key]), {"t": moments[0].frame.timestamp})
+    assert player.status_code == 200 and player.context["start"] == pytest.approx(moments[0].frame.timestamp)
+    assert f"#t={moments[0].frame.timestamp:g}" in player.content.decode().replace(".0#", "#")
+    assert len(player.context["frames"]) == len(frames)
+    assert [v.key for v, _ in player.context["similar_videos"]] == [b["video"]["key"]]
+    ranged = anonymous_client.get(reverse("media_video_original", args=[video.key]), HTTP_RANGE="bytes=0-99")
+    assert ranged.status_code == 206
+    assert ranged["Content-Range"] == f"bytes 0-99/{video.byte_size}"
+    assert b"".join(ranged.streaming_content) == (tmp_path / "a.mp4").read_bytes()[:100]
+    for name in ("media_video_poster", "media_video_strip"):
+        picture = anonymous_client.get(reverse(name, args=[video.key]))
+        assert picture.status_code == 200 and picture["Content-Type"] == "image/jpeg"
+
+    # Private: a video in a private collection is neither a page nor a moment for others.
+    secret_key = create_collection(owner_client, "Secret clips", visibility="private")
+    make_clip(tmp_path / "c.mp4", ["coffee"], [3.0], seed=3)
+    secret = upload(owner_client, secret_key, "c.mp4", (tmp_path / "c.mp4").read_bytes())
+    wait_ready(Video, [secret["video"]["key"]])
+    for client in (outsider_client, anonymous_client):
+        assert client.get(reverse("video", args=[secret["video"]["key"]])).status_code == 404
+        assert client.get(reverse("media_video_original", args=[secret["video"]["key"]])).status_code == 404
+        seen = {m.video.key for m in client.get(reverse("image", args=[photo["image"]["key"]])).context["moments"]}
+        assert secret["video"]["key"] not in seen
+    mine = {m.video.key for m in owner_client.get(reverse("image", args=[photo["image"]["key"]])).context["moments"]}
+    assert secret["video"]["key"] in mine
+
+
+def truncated_mp4(tmp_path: Path) -> bytes:
+    make_clip(tmp_path / "whole.mp4", ["rocket"], [3.0])
+    data = (tmp_path / "whole.mp4").read_bytes()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("name", "make", "code", "status"),
+    [
+        ("cut.mp4", truncated_mp4, "corrupt_video", 400),
+        ("fake.mp4", lambda _: b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(range(256)) * 40,
+         "corrupt_video", 400),
+        ("fake.webm", lambda _: b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01webm" + b"\x00" * 3000, "corrupt_video", 400),
+        ("notes.mp4", lambda _: b"just some text, not a video at all\n" * 20, "unsupported_format", 415),
+    ],
+)
+def test_a_corrupt_or_disguised_video_is_rejected_and_nothing_is_stored(
+    owner_client, tmp_path, name, make, code, status
+) -> None:
+    key = create_collection(owner_client, "Clips")
+    result = upload(owner_client, key, name, make(tmp_path))
+    assert result["outcome"] == "rejected"
+    assert (result["status"], result["code"]) == (status, code), result
+    assert result["message"]
+    assert not Video.objects.exists() and not Image.objects.exists()
+    assert media_files() == []
+
+
+@pytest.mark.django_db
+def test_a_video_over_the_length_limit_is_rejected(owner_client, settings, tmp_path) -> None:
+    settings.MAX_VIDEO_SECONDS = 2.0
+    key = create_collection(owner_client, "Clips")
+    make_clip(tmp_path / "long.mp4", ["rocket"], [3.0])
+    result = upload(owner_client, key, "long.mp4", (tmp_path / "long.mp4").read_bytes())
+    assert (result["status"], result["code"]) == (413, "video_too_long"), result
+    assert not Video.objects.exists() and media_files() == []
+
+
+@pytest.mark.django_db
+def test_an_animated_gif_is_a_video_and_a_still_gif_an_image(owner_client) -> None:
+    key = create_collection(owner_client, "Mixed")
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    frames = [PILImage.new("RGB", (64, 48), c) for c in colours]
+    animated, still = io.BytesIO(), io.BytesIO()
+    frames[0].save(animated, "GIF", save_all=True, append_images=frames[1:], duration=500, loop=0)
+    frames[0].save(still, "GIF")
+    moving = upload(owner_client, key, "anim.gif", animated.getvalue())
+    assert moving["status"] == 202 and moving["video"]["duration"] == pytest.approx(1.5)
+    plain = upload(owner_client, key, "still.gif", still.getvalue())
+    assert plain["status"] == 202 and "image" in plain
+    assert Video.objects.get().container == "gif"
+
+
+@pytest.mark.django_db
+def test_the_worker_indexes_in_process_and_a_retry_replaces_the_frames(owner, tmp_path) -> None:
+    from webapp import services, videos
+
+    collection = services.collection_create(owner=owner, name="Clips", visibility="public")
+    make_clip(tmp_path / "a.mp4", ["astronaut", "coffee"], [2.0, 2.0])
+    made = videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "a.mp4").read_bytes(),
+                               name="a.mp4")
+    first = videos.video_index(video_id=made.video.pk)
+    Video.objects.filter(pk=made.video.pk).update(status=ImageStatus.PENDING)  # as the reconciler would
+    second = videos.video_index(video_id=made.video.pk)
+    assert first == second == VideoFrame.objects.filter(video=made.video).count() > 0
+    assert FrameEmbedding.objects.filter(video=made.video).count() == first
+    vectors = np.stack([videos.as_array(e.vector) for e in FrameEmbedding.objects.filter(video=made.video)])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-2)
+    again = videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "a.mp4").read_bytes())
+    assert not again.created and again.video.pk == made.video.pk
+
+
+@pytest.mark.django_db
+def test_the_gru_encoder_trains_on_a_collection_and_serves_similar_videos(owner, settings, tmp_path) -> None:
+    from django.core.management import call_command
+    from django.test import Client
+
+    from retrieval import video_encoder
+    from webapp import services, videos
+    from webapp.models import VideoEncoder
+
+    settings.VAR_DIR = tmp_path / "var"
+    collection = services.collection_create(owner=owner, name="Clips", visibility="public")
+    made = []
+    for n, photos in enumerate([["astronaut", "coffee"], ["chelsea", "rocket"], ["coffee", "astronaut"]]):
+        make_clip(tmp_path / f"{n}.mp4", photos, [2.0, 2.0], seed=n)
+        video = videos.video_ingest(collection=collection, uploaded_by=owner,
+                                    data=(tmp_path / f"{n}.mp4").read_bytes(), name=f"{n}.mp4").video
+        videos.video_index(video_id=video.pk)
+        made.append(video)
+
+    out = io.StringIO()
+    call_command("train_video_encoder", collection=collection.key, epochs=2, batch_size=3, clip_len=3,
+                 no_progress=True, stdout=out)
+    encoder = VideoEncoder.objects.get()
+    assert "encoded 3 videos" in out.getvalue()
+    model = video_encoder.load(Path(encoder.checkpoint_path), dim=1280)
+    stored = {e.video_id: videos.as_array(e.vector) for e in VideoEmbedding.objects.filter(encoder=encoder)}
+    assert set(stored) == {v.pk for v in made}
+    frames = videos.frame_vectors(version=encoder.frame_version, video_ids=[made[0].pk])[made[0].pk]
+    np.testing.assert_allclose(video_encoder.encode(model, frames), stored[made[0].pk], atol=1e-5)
+
+    settings.VIDEO_ENCODER = "gru"
+    assert videos.video_representation(made[0]) == (encoder.frame_version, encoder)
+    page = Client().get(reverse("video", args=[made[0].key]))
+    assert {v.key for v, _ in page.context["similar_videos"]} == {made[1].key, made[2].key}
+    # A video indexed afterwards is encoded by the worker too.
+    make_clip(tmp_path / "late.mp4", ["rocket"], [2.0], seed=9)
+    late = videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "late.mp4").read_bytes())
+    videos.video_index(video_id=late.video.pk)
+    assert VideoEmbedding.objects.filter(video=late.video, encoder=encoder).exists()
+
+    settings.VIDEO_ENCODER = "mean"
+    assert videos.video_representation(made[0]) == (encoder.frame_version, None)
+
+
+def test_heic_and_avif_photos_are_not_sniffed_as_videos() -> None:
+    assert rv.sniff_format(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic") is None
+    assert rv.sniff_format(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf") is None
+    assert rv.sniff_format(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2") == "mp4"

@@ -266,3 +266,78 @@ def test_heic_and_avif_photos_are_not_sniffed_as_videos() -> None:
     assert rv.sniff_format(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic") is None
     assert rv.sniff_format(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf") is None
     assert rv.sniff_format(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2") == "mp4"
+
+
+@pytest.mark.django_db
+def test_the_api_uploads_a_video_and_answers_moments_frames_and_similar_videos(owner, tmp_path) -> None:
+    from django.test import Client
+
+    from webapp import services, videos
+
+    _, token = services.api_token_create(user=owner, name="clips")
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+    collection = services.collection_create(owner=owner, name="Clips", visibility="public")
+    make_clip(tmp_path / "a.mp4", ["astronaut", "coffee"], [2.0, 3.0], seed=5)
+    make_clip(tmp_path / "b.mp4", ["rocket"], [2.0], seed=6)
+    keys = []
+    for name in ("a.mp4", "b.mp4"):
+        response = api.post(f"/api/v1/collections/{collection.key}/images",
+                            {"files": [SimpleUploadedFile(name, (tmp_path / name).read_bytes())]})
+        assert response.status_code == 202, response.content
+        result = response.json()["results"][0]
+        assert result["outcome"] == "accepted" and result["image"] is None
+        keys.append(result["video"]["key"])
+    for key in keys:
+        videos.video_index(video_id=Video.objects.get(key=key).pk)
+    photo = services.image_ingest(collection=collection, uploaded_by=owner, data=jittered_crop("coffee"),
+                                  queue=None).image
+    services.image_embed(image_id=photo.pk)
+
+    similar = api.get(f"/api/v1/images/{photo.key}/similar").json()
+    assert similar["moments"][0]["video"]["key"] == keys[0]
+    assert 1.0 <= similar["moments"][0]["timestamp"] <= 5.0
+    assert similar["moments"][0]["url"].endswith(f"/v/{keys[0]}/?t={similar['moments'][0]['timestamp']:g}")
+    detail = api.get(f"/api/v1/videos/{keys[0]}").json()
+    assert detail["duration"] == pytest.approx(5.0, abs=0.15)
+    assert [f["timestamp"] for f in detail["frames"]] == sorted(f["timestamp"] for f in detail["frames"])
+    assert api.get(detail["frames"][0]["frame_url"]).status_code == 200
+    others = api.get(f"/api/v1/videos/{keys[0]}/similar").json()
+    assert others["representation"] == "mean" and [r["video"]["key"] for r in others["results"]] == [keys[1]]
+    assert Client().get(f"/api/v1/videos/{keys[0]}").status_code == 200  # public collection
+    services.collection_update(collection=collection, visibility="private")
+    assert Client().get(f"/api/v1/videos/{keys[0]}").status_code == 404
+
+
+@pytest.mark.django_db
+def test_deleting_removes_files_and_the_reconciler_requeues_a_video_whose_worker_died(
+    owner, owner_client, admin_client_, tmp_path, monkeypatch
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from webapp import services, tasks, videos
+
+    collection = services.collection_create(owner=owner, name="Clips", visibility="private")
+    make_clip(tmp_path / "a.mp4", ["rocket", "coffee"], [2.0, 2.0], seed=7)
+    video = videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "a.mp4").read_bytes()).video
+
+    # The worker claimed it and died: "processing" for too long. The reconciler queues it again.
+    queued: list[int] = []
+    monkeypatch.setattr(tasks.index_video, "apply_async", lambda args, queue: queued.append(args[0]))
+    Video.objects.filter(pk=video.pk).update(status=ImageStatus.PROCESSING)
+    Video.objects.filter(pk=video.pk).update(updated_at=timezone.now() - timedelta(hours=2))
+    assert videos.videos_requeue_stale() == 1 and queued == [video.pk]
+    assert Video.objects.get(pk=video.pk).status == ImageStatus.PENDING
+    assert videos.video_index(video_id=video.pk) > 0
+
+    listing = admin_client_.get(reverse("admin:simili_video_changelist"))
+    assert listing.status_code == 200 and video.key in listing.content.decode()
+    assert admin_client_.get(reverse("admin:simili_video_change", args=[video.pk])).status_code == 200
+    video.refresh_from_db()
+    files = {video.file_path, video.poster_path, video.strip_path}
+    assert files <= {str(p).split("media/", 1)[1] for p in media_files()}
+    response = owner_client.post(reverse("video_delete", args=[video.key]))
+    assert response.status_code == 302
+    assert not Video.objects.exists() and not VideoFrame.objects.exists() and not FrameEmbedding.objects.exists()
+    assert media_files() == []

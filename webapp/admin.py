@@ -8,9 +8,19 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.utils.html import format_html
 
-from webapp import curation, duplicates, embeddings, services
+from webapp import curation, duplicates, embeddings, services, videos
 from webapp.forms import MoveImagesForm
-from webapp.models import ApiToken, Collection, CollectionEditor, EmbeddingModel, Image, ImageStatus, NearDuplicate
+from webapp.models import (
+    ApiToken,
+    Collection,
+    CollectionEditor,
+    EmbeddingModel,
+    Image,
+    ImageStatus,
+    NearDuplicate,
+    Video,
+    VideoEncoder,
+)
 
 
 def _thumbnail_html(key: str, height: int = 48) -> str:
@@ -252,3 +262,41 @@ class NearDuplicateAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             duplicates.duplicate_dismiss(pair=pair, reviewer=request.user)
         self.message_user(request, f"{queryset.count()} pair(s) dismissed.", messages.SUCCESS)
 
+
+
+@admin.register(Video)
+class VideoAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("__str__", "collection", "status", "duration", "frame_count", "created_at")
+    list_filter = ("status", "container")
+    search_fields = ("original_name", "key", "collection__name")
+    readonly_fields = ("key", "collection", "uploaded_by", "sha256", "file_path", "poster_path", "strip_path",
+                       "mime_type", "container", "codec", "width", "height", "duration", "byte_size", "status",
+                       "error", "attempts", "enqueued_at", "created_at", "updated_at", "processed_at")
+    fields = ("original_name", *readonly_fields)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Video]:
+        return super().get_queryset(request).select_related("collection").annotate(n_frames=Count("frames"))
+
+    @admin.display(description="keyframes", ordering="n_frames")
+    def frame_count(self, obj: Video) -> int:
+        return int(getattr(obj, "n_frames", 0))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # videos arrive through the upload form or the API, validated
+
+    def delete_model(self, request: HttpRequest, obj: Video) -> None:
+        videos.video_delete(video=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Video]) -> None:
+        for video in queryset:
+            videos.video_delete(video=video)
+
+
+@admin.register(VideoEncoder)
+class VideoEncoderAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("key", "frame_version", "trained_on", "videos_seen", "final_loss", "created_at")
+    readonly_fields = ("key", "frame_version", "trained_on", "checkpoint_path", "dimensions", "videos_seen",
+                       "final_loss", "created_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # made by manage.py train_video_encoder

@@ -6,6 +6,7 @@
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import TooManyFilesSent
@@ -18,9 +19,10 @@ from ninja.pagination import PageNumberPagination, paginate
 from ninja.responses import Status
 from ninja.security import HttpBearer
 
+from retrieval import video as rv
 from retrieval.errors import ImageRejected
-from webapp import ratelimit, selectors, services, similarity
-from webapp.models import Collection, Image, Visibility
+from webapp import ratelimit, selectors, services, similarity, videos
+from webapp.models import Collection, Image, Video, Visibility
 
 
 class ApiError(Exception):
@@ -242,12 +244,75 @@ class ImageOut(Schema):
         return _absolute(context, reverse("media_thumbnail", args=[obj.key]))
 
 
+class VideoOut(Schema):
+    key: str
+    collection: str
+    name: str
+    status: str
+    error: str
+    mime_type: str
+    width: int
+    height: int
+    duration: float = Field(..., description="Seconds")
+    byte_size: int
+    url: str
+    original_url: str
+    poster_url: str | None
+    created_at: datetime
+    processed_at: datetime | None
+
+    @staticmethod
+    def resolve_collection(obj: Video) -> str:
+        return obj.collection.key
+
+    @staticmethod
+    def resolve_name(obj: Video) -> str:
+        return obj.original_name
+
+    @staticmethod
+    def resolve_url(obj: Video, context: dict[str, Any]) -> str:
+        return _absolute(context, obj.get_absolute_url())
+
+    @staticmethod
+    def resolve_original_url(obj: Video, context: dict[str, Any]) -> str:
+        return _absolute(context, reverse("media_video_original", args=[obj.key]))
+
+    @staticmethod
+    def resolve_poster_url(obj: Video, context: dict[str, Any]) -> str | None:
+        if not obj.poster_path:
+            return None
+        return _absolute(context, reverse("media_video_poster", args=[obj.key]))
+
+
+class FrameOut(Schema):
+    timestamp: float = Field(..., description="Seconds from the start of the video")
+    url: str = Field(..., description="The video's page, playing from this frame")
+    frame_url: str = Field(..., description="The frame as a small JPEG")
+
+
+class VideoDetailOut(VideoOut):
+    frames: list[FrameOut]
+
+    @staticmethod
+    def resolve_frames(obj: Video, context: dict[str, Any]) -> list[dict[str, Any]]:
+        return [_frame_out(context["request"], obj, frame) for frame in obj.frames.all()]
+
+
+class MomentOut(Schema):
+    video: VideoOut
+    timestamp: float = Field(..., description="Seconds from the start: the best-matching frame")
+    similarity: float
+    url: str = Field(..., description="The video's page, playing from this moment")
+    frame_url: str
+
+
 class UploadResult(Schema):
     name: str
     outcome: Literal["accepted", "duplicate", "rejected"]
     code: str | None = None
     message: str | None = None
     image: ImageOut | None = None
+    video: VideoOut | None = None
 
 
 class UploadOut(Schema):
@@ -262,6 +327,30 @@ class SimilarOut(Schema):
 class SimilarListOut(Schema):
     model: str | None
     results: list[SimilarOut]
+    moments: list[MomentOut] = Field(default_factory=list,
+                                     description="Videos with a matching moment, one per video, best first")
+
+
+class SimilarVideoOut(Schema):
+    video: VideoOut
+    similarity: float
+
+
+class SimilarVideosOut(Schema):
+    representation: str = Field(..., description="mean (mean-pooled frame vectors) or the encoder's key")
+    results: list[SimilarVideoOut]
+
+
+def _frame_out(request: HttpRequest, video: Video, frame: Any) -> dict[str, Any]:
+    return {
+        "timestamp": frame.timestamp,
+        "url": request.build_absolute_uri(f"{video.get_absolute_url()}?t={frame.timestamp:g}"),
+        "frame_url": request.build_absolute_uri(reverse("media_video_frame", args=[video.key, frame.pk])),
+    }
+
+
+def _moments_out(request: HttpRequest, moments: list[videos.Moment]) -> list[dict[str, Any]]:
+    return [{"video": m.video, "similarity": m.similarity, **_frame_out(request, m.video, m.frame)} for m in moments]
 
 
 ERRORS = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut}
@@ -359,11 +448,15 @@ def images_upload(request: HttpRequest, key: str, files: File[list[UploadedFile]
     for upload in files:
         name = upload.name or ""
         try:
-            services.upload_check_size(size=upload.size)
-            outcome = services.image_ingest(
-                collection=collection, uploaded_by=request.user, data=upload.read(), name=name
-            )
-        except ImageRejected as exc:
+            data = services.upload_read(upload, size=upload.size or 0)
+            if videos.is_video(data):
+                made = videos.video_ingest(collection=collection, uploaded_by=request.user, data=data, name=name)
+                results.append({"name": name, "outcome": "accepted" if made.created else "duplicate",
+                                 "video": made.video})
+                statuses.append(202)
+                continue
+            outcome = services.image_ingest(collection=collection, uploaded_by=request.user, data=data, name=name)
+        except (ImageRejected, rv.VideoRejected) as exc:
             results.append({"name": name, "outcome": "rejected", "code": exc.code, "message": str(exc)})
             statuses.append(services.rejection_status(exc))
             continue
@@ -428,9 +521,11 @@ def images_similar(request: HttpRequest, key: str, query: Query[SimilarQuery]) -
         image=image, viewer=viewer, k=query.k, collection_ids=_collection_ids(query.collection, viewer),
         version=version,
     )
+    moments = videos.moments_for_image(image=image, viewer=viewer)
     body = {
         "model": version.key if version else None,
         "results": [{"image": r.image, "similarity": r.similarity} for r in results],
+        "moments": _moments_out(request, moments),
     }
     data = SimilarListOut.model_validate(body, context={"request": request}).model_dump(mode="json")
     response = api.create_response(request, data, status=200)
@@ -465,9 +560,12 @@ def search(
     results = similarity.vector_similar(
         vector=vector, version=version, viewer=viewer, k=k, collection_ids=collection_ids
     )
+    moments = videos.moments_for_vector(vector=np.asarray(vector, dtype=np.float32), version=version,
+                                        viewer=viewer, k=settings.VIDEO_MOMENTS_K, collection_ids=collection_ids)
     return Status(200, {
         "model": version.key,
         "results": [{"image": r.image, "similarity": r.similarity} for r in results],
+        "moments": _moments_out(request, moments),
     })
 
 
@@ -505,3 +603,24 @@ def search_examples(request: HttpRequest, payload: ExamplesIn) -> Any:
         "results": [{"image": r.image, "similarity": r.similarity} for r in results],
     })
 
+
+
+@api.get("/videos/{key}", response={200: VideoDetailOut, **ERRORS}, tags=["videos"],
+         summary="A video, with its sampled keyframes")
+def videos_detail(request: HttpRequest, key: str) -> Any:
+    return Status(200, videos.video_for_viewer(key=key, viewer=_viewer(request)))
+
+
+@api.get("/videos/{key}/similar", response={200: SimilarVideosOut, **ERRORS}, tags=["videos"],
+         summary="Videos most similar to a video")
+def videos_similar(request: HttpRequest, key: str, k: int = 6) -> Any:
+    """By mean-pooled frame vectors, or the trained recurrent encoder when VIDEO_ENCODER=gru."""
+    viewer = _viewer(request)
+    if not 1 <= k <= 100:
+        raise ApiError(400, "invalid_request", "k: must be between 1 and 100")
+    video = videos.video_for_viewer(key=key, viewer=viewer)
+    representation = videos.video_representation(video)
+    encoder = representation[1] if representation else None
+    results = videos.videos_similar(video=video, viewer=viewer, k=k)
+    return Status(200, {"representation": encoder.key if encoder else "mean",
+                        "results": [{"video": v, "similarity": score} for v, score in results]})

@@ -109,8 +109,10 @@ def collection_update(*, collection: Collection, **fields: str) -> Collection:
 
 
 def collection_delete(*, collection: Collection) -> None:
-    """Delete a collection with its images, embeddings and every file no other row uses."""
+    """Delete a collection with its images, videos, vectors and every file no other row uses."""
     paths = list(collection.images.values_list("file_path", "thumbnail_path"))
+    for video in collection.videos.all():
+        videos.video_delete(video=video)
     collection.delete()
     for original, thumbnail in paths:
         delete_unreferenced(original)

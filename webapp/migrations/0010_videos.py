@@ -134,4 +134,10 @@ class Migration(migrations.Migration):
             model_name='frameembedding',
             constraint=models.UniqueConstraint(fields=('frame', 'model_version'), name='frame_embedding_unique_per_version'),
         ),
+        # Frame vectors (halfvec, 2.5 KB at 1280-d) stay in the heap row, as photos' search
+        # vectors do: the moment search scans them exactly and must not chase TOAST pointers.
+        migrations.RunSQL(
+            "ALTER TABLE simili_frameembedding ALTER COLUMN vector SET STORAGE MAIN",
+            "ALTER TABLE simili_frameembedding ALTER COLUMN vector SET STORAGE EXTENDED",
+        ),
     ]

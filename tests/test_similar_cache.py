@@ -107,7 +107,7 @@ def test_a_stale_cached_list_never_shows_an_image_the_viewer_may_not_see(anonymo
     secret = ImageFactory(collection=CollectionFactory(visibility=Visibility.PRIVATE))
     scope = sim.search_scope(version=version, viewer=anonymous_user_viewer, exclude_image_ids=[me.pk])
     key = sim._similar_cache_key(image=me, scope=scope, k=5, generation=sim.search_generation())
-    cache.set(key, [(secret.pk, 0.01), (others[0].pk, 0.2)])
+    cache.set(key, {"rows": [(secret.pk, 0.01), (others[0].pk, 0.2)], "moments": []})
     results = sim.image_similar(image=me, viewer=anonymous_user_viewer, k=5)
     assert [r.image.pk for r in results] == [others[0].pk]
 

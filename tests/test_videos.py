@@ -341,3 +341,28 @@ def test_deleting_removes_files_and_the_reconciler_requeues_a_video_whose_worker
     assert response.status_code == 302
     assert not Video.objects.exists() and not VideoFrame.objects.exists() and not FrameEmbedding.objects.exists()
     assert media_files() == []
+
+
+@pytest.mark.django_db
+def test_moments_are_cached_with_similar_images_and_a_new_video_shows_at_once(owner, tmp_path, monkeypatch) -> None:
+    from django.test import Client
+
+    from webapp import services, videos
+
+    collection = services.collection_create(owner=owner, name="Clips", visibility="public")
+    photo = services.image_ingest(collection=collection, uploaded_by=owner, data=jittered_crop("coffee"),
+                                  queue=None).image
+    services.image_embed(image_id=photo.pk)
+    client = Client()
+    assert client.get(reverse("image", args=[photo.key])).context["moments"] == []
+
+    make_clip(tmp_path / "a.mp4", ["coffee"], [2.0], seed=8)
+    video = videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "a.mp4").read_bytes()).video
+    videos.video_index(video_id=video.pk)  # frame vectors move the search generation
+    calls: list[int] = []
+    real = videos.moment_rows
+    monkeypatch.setattr(videos, "moment_rows", lambda **kw: calls.append(1) or real(**kw))
+    first = client.get(reverse("image", args=[photo.key])).context["moments"]
+    again = client.get(reverse("image", args=[photo.key])).context["moments"]
+    assert [m.video.key for m in first] == [m.video.key for m in again] == [video.key]
+    assert calls == [1]  # the second page came from the cache

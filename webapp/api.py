@@ -517,11 +517,11 @@ def images_similar(request: HttpRequest, key: str, query: Query[SimilarQuery]) -
         raise ApiError(400, "invalid_request", "k: must be between 1 and 100")
     image = selectors.image_for_viewer(key=key, viewer=viewer)
     version = selectors.active_model_version()
-    results = similarity.image_similar(
+    found = similarity.image_results(
         image=image, viewer=viewer, k=query.k, collection_ids=_collection_ids(query.collection, viewer),
-        version=version,
+        version=version, moments=settings.VIDEO_MOMENTS_K,
     )
-    moments = videos.moments_for_image(image=image, viewer=viewer)
+    results, moments = found.similar, found.moments
     body = {
         "model": version.key if version else None,
         "results": [{"image": r.image, "similarity": r.similarity} for r in results],

@@ -124,7 +124,7 @@ def collection_for_viewer(*, key: str, viewer: Viewer) -> Collection:
 
 def image_for_viewer(*, key: str, viewer: Viewer) -> Image:
     """Return the image, or raise 404 if it does not exist or the viewer may not see it."""
-    image = Image.objects.select_related("collection", "collection__owner").filter(key=key).first()
+    image = Image.objects.select_related("collection", "collection__owner", "uploaded_by").filter(key=key).first()
     if image is None or not can_view_collection(viewer, image.collection):
         raise Http404("No such image.")
     return image

@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from django.conf import settings
@@ -33,6 +33,9 @@ from retrieval.reranking import expand_query
 from webapp.embeddings import binary_cursor
 from webapp.models import Collection, EmbeddingModel, Image, NearDuplicate
 from webapp.selectors import Viewer, active_model_version, is_admin, listed_filter
+
+if TYPE_CHECKING:
+    from webapp.videos import Moment
 
 logger = logging.getLogger(__name__)
 
@@ -435,43 +438,74 @@ def image_similar(
     collection_ids: Sequence[int] | None = None,
     version: EmbeddingModel | None = None,
 ) -> list[SimilarImage]:
-    """Return the images most similar to a stored image, among those the viewer may see.
+    """Return the images most similar to a stored image, among those the viewer may see."""
+    return image_results(image=image, viewer=viewer, k=k, collection_ids=collection_ids, version=version).similar
 
-    The list is cached (SIMILAR_CACHE_SECONDS) under the search generation, the version, the
-    image and the viewer's visible collections: any embedding or near-duplicate write moves
-    the generation, so a cached list is never older than the data it was computed from, and
-    its images are re-checked against the viewer's collections when they are loaded.
+
+@dataclass(frozen=True)
+class ImageResults:
+    """What a stored image's page shows: similar images and, when asked, video moments."""
+
+    similar: list[SimilarImage]
+    moments: list[Moment]
+
+
+def image_results(
+    *,
+    image: Image,
+    viewer: Viewer,
+    k: int | None = None,
+    collection_ids: Sequence[int] | None = None,
+    version: EmbeddingModel | None = None,
+    moments: int = 0,
+) -> ImageResults:
+    """Return a stored image's similar images and (`moments` > 0) its best video moments.
+
+    Both lists are cached together (SIMILAR_CACHE_SECONDS) under the search generation, the
+    version, the image and the viewer's visible collections: any write to embeddings, frame
+    embeddings or near-duplicate pairs moves the generation, so a cached list is never older
+    than the data it was computed from, and its images and videos are re-checked against the
+    viewer's collections when they are loaded.
     """
+    from webapp import videos
+
     version = version or active_model_version()
     if version is None or not image.is_ready:
-        return []
+        return ImageResults([], [])
     k = k or settings.SIMILAR_K
     scope = search_scope(version=version, viewer=viewer, collection_ids=collection_ids,
                          exclude_image_ids=[image.pk])
     generation = search_generation()
-    key = _similar_cache_key(image=image, scope=scope, k=k, generation=generation)
-    rows = _cache_get(key)
-    if rows is None:
+    key = _similar_cache_key(image=image, scope=scope, k=k, generation=generation, moments=moments)
+    cached = _cache_get(key)
+    if cached is None:
         query = examples_query(positives=[image], version=version)
         if query is None:
-            return []
+            return ImageResults([], [])
         rows = _search_rows(query=query, scope=scope, k=k, expand=None, generation=generation)
-        _cache_set(key, rows)
-    return _similar_images(rows, scope)
+        moment_rows = videos.moment_rows_for_image(image_id=image.pk, version=version, scope=scope, k=moments)
+        _cache_set(key, rows, moment_rows)
+    else:
+        rows, moment_rows = cached
+    return ImageResults(_similar_images(rows, scope), videos.moments_load(moment_rows, scope))
 
 
-def _similar_cache_key(*, image: Image, scope: Scope, k: int, generation: str) -> str:
+def _similar_cache_key(*, image: Image, scope: Scope, k: int, generation: str, moments: int = 0) -> str:
     # The settings that shape a result list are part of the key: a restart with other values
     # never reads lists computed with the old ones.
     shape = (settings.SIMILAR_QE, settings.SIMILAR_ALPHA, settings.HNSW_EF_SEARCH,
              settings.NEAR_DUPLICATE_DISTANCE, settings.EXACT_SEARCH_MAX_ROWS)
     digest = hashlib.blake2b(repr(shape).encode(), digest_size=6).hexdigest()
-    return (f"similar:{generation}:{int(scope.version.pk)}:{int(image.pk)}:{k}:"
+    return (f"similar:{generation}:{int(scope.version.pk)}:{int(image.pk)}:{k}:{int(moments)}:"
             f"{_collections_digest(scope.collection_ids)}:{digest}")
 
 
-def _cache_get(key: str) -> list[tuple[int, float]] | None:
-    """Return a cached result list, or None: the cache is an optimisation, never a failure."""
+Rows = list[tuple[int, float]]
+MomentRows = list[tuple[int, int, float]]
+
+
+def _cache_get(key: str) -> tuple[Rows, MomentRows] | None:
+    """Return a cached entry, or None: the cache is an optimisation, never a failure."""
     if settings.SIMILAR_CACHE_SECONDS <= 0:
         return None
     try:
@@ -479,14 +513,17 @@ def _cache_get(key: str) -> list[tuple[int, float]] | None:
     except Exception:  # noqa: BLE001 — Redis down: compute instead
         logger.warning("similar-image cache unavailable", exc_info=True)
         return None
-    return [(int(i), float(d)) for i, d in value] if value is not None else None
+    if not isinstance(value, dict):
+        return None
+    return ([(int(i), float(d)) for i, d in value.get("rows", [])],
+            [(int(v), int(f), float(d)) for v, f, d in value.get("moments", [])])
 
 
-def _cache_set(key: str, rows: Sequence[tuple[int, float]]) -> None:
+def _cache_set(key: str, rows: Rows, moments: MomentRows) -> None:
     if settings.SIMILAR_CACHE_SECONDS <= 0:
         return
     try:
-        cache.set(key, [(int(i), float(d)) for i, d in rows], settings.SIMILAR_CACHE_SECONDS)
+        cache.set(key, {"rows": rows, "moments": moments}, settings.SIMILAR_CACHE_SECONDS)
     except Exception:  # noqa: BLE001
         logger.warning("similar-image cache unavailable", exc_info=True)
 

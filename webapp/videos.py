@@ -16,7 +16,7 @@ import hashlib
 import io
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +45,7 @@ from webapp.selectors import Viewer, can_view_collection
 
 if TYPE_CHECKING:
     from retrieval.video_encoder import VideoEncoder as GRUEncoder
+    from webapp.similarity import Scope
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +322,15 @@ def moments_for_vector(
     *, vector: np.ndarray, version: EmbeddingModel, viewer: Viewer, k: int,
     collection_ids: Sequence[int] | None = None,
 ) -> list[Moment]:
-    """Return up to k videos the viewer may see, each at its frame nearest to `vector`, best first.
+    """Return up to k videos the viewer may see, each at its frame nearest to `vector`, best first."""
+    from webapp.similarity import search_scope
+
+    scope = search_scope(version=version, viewer=viewer, collection_ids=collection_ids)
+    return moments_load(moment_rows(vector=vector, scope=scope, k=k), scope)
+
+
+def moment_rows(*, vector: np.ndarray, scope: Scope, k: int) -> list[tuple[int, int, float]]:
+    """Return (video id, frame id, cosine distance) of the best frame of the k nearest videos in scope.
 
     Exact: every visible frame's distance is computed (the (version, collection) btree narrows
     them), then each video keeps its best frame. Recall 1.0; fine for thousands of videos of a
@@ -330,13 +339,12 @@ def moments_for_vector(
     from pgvector import HalfVector
 
     from webapp.embeddings import binary_cursor
-    from webapp.similarity import search_scope
 
+    version = scope.version
     dim = int(version.dimensions)
     if len(vector) != dim:
         raise ValueError(f"expected a vector of {dim} dimensions, got {len(vector)}")
-    scope = search_scope(version=version, viewer=viewer, collection_ids=collection_ids)
-    if scope.collection_ids == []:
+    if k <= 0 or scope.collection_ids == []:
         return []
     where = [f"model_version_id = {int(version.pk)}"]
     params: dict[str, object] = {"query": HalfVector(np.asarray(vector, dtype=np.float32)), "k": int(k)}
@@ -353,33 +361,37 @@ def moments_for_vector(
     """
     with binary_cursor() as cursor:
         cursor.execute(sql, params, binary=True)
-        rows = [(int(v), int(f), float(d)) for v, f, d in cursor.fetchall()]
-    videos = Video.objects.select_related("collection").in_bulk([v for v, _, _ in rows])
+        return [(int(v), int(f), float(d)) for v, f, d in cursor.fetchall()]
+
+
+def moments_load(rows: Sequence[tuple[int, int, float]], scope: Scope) -> list[Moment]:
+    """Load the moments' videos and frames, keeping only ready videos the scope still allows."""
+    if not rows:
+        return []
+    found = Video.objects.select_related("collection").in_bulk([v for v, _, _ in rows])
     frames = VideoFrame.objects.in_bulk([f for _, f, _ in rows])
     allowed = None if scope.collection_ids is None else set(scope.collection_ids)
     return [
-        Moment(video=videos[v], frame=frames[f], similarity=1.0 - d)
+        Moment(video=found[v], frame=frames[f], similarity=1.0 - d)
         for v, f, d in rows
-        if v in videos and f in frames and videos[v].is_ready
-        and (allowed is None or videos[v].collection_id in allowed)
+        if v in found and f in frames and found[v].is_ready
+        and (allowed is None or found[v].collection_id in allowed)
     ]
 
 
-def moments_for_image(*, image: object, viewer: Viewer, k: int | None = None) -> list[Moment]:
-    """Return the video moments most like a stored photo (its raw vector, not the re-ranked one)."""
-    from webapp.selectors import active_model_version
+def moment_rows_for_image(*, image_id: int, version: EmbeddingModel, scope: Scope, k: int) -> list[
+    tuple[int, int, float]
+]:
+    """Moment rows for a stored photo: its raw vector (frames are not re-ranked), in its scope."""
     from webapp.similarity import _vectors
 
-    version = active_model_version()
-    if version is None or not getattr(image, "is_ready", False):
+    if k <= 0 or not FrameEmbedding.objects.filter(model_version=version).exists():
         return []
-    if not FrameEmbedding.objects.filter(model_version=version).exists():
+    raw = _vectors(version=version, image_ids=[image_id], column="vector")
+    if image_id not in raw:
         return []
-    raw = _vectors(version=version, image_ids=[image.pk], column="vector")  # type: ignore[attr-defined]
-    if image.pk not in raw:  # type: ignore[attr-defined]
-        return []
-    return moments_for_vector(vector=raw[image.pk], version=version, viewer=viewer,  # type: ignore[attr-defined]
-                              k=k or settings.VIDEO_MOMENTS_K)
+    frames_scope = replace(scope, exclude_image_ids=[])
+    return moment_rows(vector=raw[image_id], scope=frames_scope, k=k)
 
 
 def video_representation(video: Video) -> tuple[EmbeddingModel, VideoEncoder | None] | None:

@@ -308,8 +308,8 @@ def collection_status(request: HttpRequest, key: str) -> JsonResponse:
 @require_GET
 def image_detail(request: HttpRequest, key: str) -> HttpResponse:
     image = selectors.image_for_viewer(key=key, viewer=request.user)
-    similar = similarity.image_similar(image=image, viewer=request.user)
-    moments = videos.moments_for_image(image=image, viewer=request.user)
+    found = similarity.image_results(image=image, viewer=request.user, moments=settings.VIDEO_MOMENTS_K)
+    similar, moments = found.similar, found.moments
     newer, older = selectors.image_neighbours(image=image)
     return render(
         request,

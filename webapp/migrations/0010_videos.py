@@ -140,4 +140,20 @@ class Migration(migrations.Migration):
             "ALTER TABLE simili_frameembedding ALTER COLUMN vector SET STORAGE MAIN",
             "ALTER TABLE simili_frameembedding ALTER COLUMN vector SET STORAGE EXTENDED",
         ),
+        # Video moments are cached with similar images: frame vectors move the search
+        # generation like photo vectors do (migration 0009).
+        migrations.RunSQL(
+            """
+            CREATE TRIGGER simili_frameembedding_search_changed
+                AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON simili_frameembedding
+                FOR EACH STATEMENT EXECUTE FUNCTION simili_search_changed();
+            CREATE CONSTRAINT TRIGGER simili_frameembedding_search_committed
+                AFTER INSERT OR UPDATE OR DELETE ON simili_frameembedding
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION simili_search_committed();
+            """,
+            """
+            DROP TRIGGER simili_frameembedding_search_changed ON simili_frameembedding;
+            DROP TRIGGER simili_frameembedding_search_committed ON simili_frameembedding;
+            """,
+        ),
     ]

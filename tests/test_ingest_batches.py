@@ -1,12 +1,45 @@
-"""The bulk lane's store: a batch marked ready at once."""
+"""The bulk lane's decode and store: JPEGs decoded no larger than needed, a batch marked ready at once."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+
 import pytest
+from PIL import Image as PILImage
 
 from tests.factories import CollectionFactory, ImageFactory
-from webapp import ingest
+from webapp import ingest, pipeline, storage
 from webapp.models import Image, ImageStatus
+
+
+def _stored_jpeg(size: tuple[int, int]) -> tuple[str, bytes]:
+    buffer = io.BytesIO()
+    PILImage.new("RGB", size, (90, 140, 200)).save(buffer, format="JPEG", quality=80)
+    data = buffer.getvalue()
+    relative = storage.content_path("originals", hashlib.sha256(data).hexdigest(), "jpg")
+    storage.write_atomic(relative, data)
+    return relative, data
+
+
+def test_a_large_jpeg_is_decoded_just_large_enough_for_thumbnail_and_cnn(settings) -> None:
+    recipe = pipeline.recipe()
+    relative, _ = _stored_jpeg((4000, 3000))
+    job = ingest.Job(image_id=1, collection_id=1, sha256="0" * 64, file_path=relative, width=4000, height=3000)
+    # The thumbnail (400 px on the long side) needs a short side of 300, the CNN one of 224.
+    assert ingest.decode_min_side(job, recipe) == 300
+    decoded = ingest.decode(job, recipe)
+    assert decoded.error == "" and decoded.picture is not None and decoded.thumbnail is not None
+    assert decoded.picture.size == (299, 224)
+    assert PILImage.open(io.BytesIO(decoded.thumbnail)).size == (settings.THUMBNAIL_SIZE, 300)
+
+
+def test_a_small_or_unmeasured_image_keeps_the_full_decode_floor() -> None:
+    recipe = pipeline.recipe()
+    corel = ingest.Job(image_id=1, collection_id=1, sha256="0" * 64, file_path="x", width=384, height=256)
+    assert ingest.decode_min_side(corel, recipe) == 267  # larger than the image: no draft scaling
+    unknown = ingest.Job(image_id=1, collection_id=1, sha256="0" * 64, file_path="x")
+    assert ingest.decode_min_side(unknown, recipe) == 400
 
 
 @pytest.mark.django_db

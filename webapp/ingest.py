@@ -8,6 +8,7 @@ that dies leaves its claimed rows in `processing` for the reconciler to hand bac
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +36,8 @@ class Job:
     collection_id: int
     sha256: str
     file_path: str
+    width: int = 0  # as stored, from validation; 0 when unknown
+    height: int = 0
 
 
 @dataclass
@@ -56,11 +59,24 @@ def images_claim(*, ids: Sequence[int] | None = None, limit: int = 1) -> list[Jo
             f"""UPDATE simili_image SET status = 'processing', attempts = attempts + 1, updated_at = now()
                 WHERE id IN (SELECT id FROM simili_image WHERE {where} ORDER BY id
                              LIMIT %s FOR UPDATE SKIP LOCKED)
-                RETURNING id, collection_id, sha256, file_path""",
+                RETURNING id, collection_id, sha256, file_path, width, height""",
             [*params, int(limit if ids is None else len(ids))],
         )
         rows = cursor.fetchall()
     return sorted((Job(*row) for row in rows), key=lambda job: job.image_id)
+
+
+def decode_min_side(job: Job, recipe: pipeline.Recipe) -> int:
+    """Return the short side a JPEG must be decoded at for both the CNN and the thumbnail.
+
+    The thumbnail fits in a square, so it needs the long side at THUMBNAIL_SIZE, not the short
+    one: a 4000x3000 photo decodes at 1/8 scale (500x375) instead of 1/4, as a search by image
+    already does, which saves 20% of its decode and two thirds of its thumbnail and resize.
+    """
+    short, long = sorted((job.width, job.height))
+    if short < 1:
+        return max(settings.THUMBNAIL_SIZE, recipe.min_input_side)
+    return max(recipe.min_input_side, math.ceil(settings.THUMBNAIL_SIZE * short / long))
 
 
 def decode(job: Job, recipe: pipeline.Recipe) -> Decoded:
@@ -72,7 +88,7 @@ def decode(job: Job, recipe: pipeline.Recipe) -> Decoded:
     try:
         picture = imaging.load_image(
             data,
-            min_side=max(settings.THUMBNAIL_SIZE, recipe.min_input_side),
+            min_side=decode_min_side(job, recipe),
             max_pixels=settings.MAX_IMAGE_PIXELS,
         )
     except ImageRejected as exc:
@@ -194,7 +210,7 @@ def reindex_batch(*, version_key: str, limit: int, skip: set[int] | None = None)
         .exclude(embeddings__model_version=version)
         .exclude(pk__in=skip or set())
         .order_by("id")
-        .values_list("id", "collection_id", "sha256", "file_path")[:limit]
+        .values_list("id", "collection_id", "sha256", "file_path", "width", "height")[:limit]
     )
     if not rows:
         return []

@@ -13,16 +13,17 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from retrieval import onnx_runtime
 from retrieval.backbones import DEFAULT_BACKBONE, get_backbone
 from retrieval.evaluation import evaluate_ranking, rank_by_similarity
 from retrieval.extraction import EmbeddingConfig, Extractor
-from retrieval.features import FeatureCache, FolderFeatures
-from retrieval.folders import LabelledFolder, read_labelled_folder
+from retrieval.features import BATCH_SIZE, FeatureCache, FolderFeatures
+from retrieval.folders import LabelledFolder, open_rgb, read_labelled_folder
 from retrieval.projection import fit_pca_whitening, load_projection
 from retrieval.report import ConfigResult, format_markdown, format_table, plot_results, write_json
 from retrieval.reranking import DEFAULT_ALPHA, DEFAULT_QE_NEIGHBOURS, augment_database, expand_queries
@@ -30,6 +31,10 @@ from retrieval.reranking import DEFAULT_ALPHA, DEFAULT_QE_NEIGHBOURS, augment_da
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("var/cache/features")
+DEFAULT_ONNX_CACHE_DIR = Path("var/cache/onnx")  # where the web app's worker keeps its exports
+#: torch: pooled from the feature map, every configuration; onnx, onnx-int8: the worker's own
+#: `Extractor.embed` in ONNX Runtime, the backbone's own recipe only.
+RUNTIMES = ("torch", "onnx", "onnx-int8")
 DEFAULT_OUT_DIR = Path("var/evaluation")
 #: (1/sqrt 2, 1, sqrt 2) x 224, rounded to multiples of 32: the usual three-scale pyramid.
 MULTI_SCALES = (160, 224, 320)
@@ -194,6 +199,33 @@ def rank_all_against_all(vectors: np.ndarray, *, qe: int, dba: int = 0, alpha: f
     return ranking
 
 
+@dataclass
+class RuntimeFolderFeatures(FolderFeatures):
+    """Vectors as the web app's CPU worker makes them, in ONNX Runtime at one precision; not cached on disk."""
+
+    precision: str = "fp32"
+    onnx_cache: Path = DEFAULT_ONNX_CACHE_DIR
+    _vectors: np.ndarray | None = field(default=None, init=False)
+
+    def vectors(self, config: EmbeddingConfig) -> np.ndarray:
+        if config != EmbeddingConfig.for_backbone(self.spec):
+            raise ValueError(
+                f"ONNX Runtime runs only the backbone's own recipe ({EmbeddingConfig.for_backbone(self.spec)}), "
+                f"not {config}; use --runtime torch for other poolings and scales"
+            )
+        if self._vectors is None:
+            started = time.perf_counter()
+            extractor = self.extractor()
+            extractor.onnx = onnx_runtime.load(self.spec, extractor.model, self.onnx_cache, precision=self.precision)
+            logger.info("embedding in ONNX Runtime, %s", extractor.onnx.precision)
+            self._vectors = np.concatenate([
+                extractor.embed([open_rgb(path) for path in self.paths[start:start + BATCH_SIZE]]).vectors
+                for start in range(0, len(self.paths), BATCH_SIZE)
+            ])
+            self.embed_seconds += time.perf_counter() - started
+        return self._vectors
+
+
 def run_config(config: SearchConfig, folder: LabelledFolder, features: FolderFeatures) -> ConfigResult:
     """Embed (or read from cache), project, rank and score one configuration."""
     started = time.perf_counter()
@@ -219,6 +251,8 @@ def evaluate_folder(
     cache_dir: Path | None,
     device: str = "auto",
     progress: bool = True,
+    runtime: str = "torch",
+    onnx_cache: Path = DEFAULT_ONNX_CACHE_DIR,
 ) -> list[ConfigResult]:
     """Run every configuration on the folder, sharing features between those of one backbone.
 
@@ -228,6 +262,9 @@ def evaluate_folder(
         cache_dir: where features are cached; None keeps them in memory for this run only.
         device: torch device for embedding.
         progress: show a progress bar while embedding.
+        runtime: "torch", or "onnx" / "onnx-int8" to embed as the CPU worker does (the
+            backbone's own recipe only; `cache_dir` is not used).
+        onnx_cache: where ONNX exports are kept (and made the first time).
 
     Returns:
         One result per configuration.
@@ -238,13 +275,24 @@ def evaluate_folder(
     for config in configs:
         if config.backbone not in by_backbone:
             spec = get_backbone(config.backbone)
-            by_backbone[config.backbone] = FolderFeatures(
-                folder.paths,
-                spec,
-                cache,
-                functools.cache(functools.partial(Extractor, spec, device=device)),
-                progress=progress,
-            )
+            if runtime == "torch":
+                by_backbone[config.backbone] = FolderFeatures(
+                    folder.paths,
+                    spec,
+                    cache,
+                    functools.cache(functools.partial(Extractor, spec, device=device)),
+                    progress=progress,
+                )
+            else:
+                by_backbone[config.backbone] = RuntimeFolderFeatures(
+                    folder.paths,
+                    spec,
+                    None,
+                    functools.partial(Extractor, spec, device="cpu", onnx_cache=onnx_cache),
+                    progress=progress,
+                    precision="int8" if runtime == "onnx-int8" else "fp32",
+                    onnx_cache=onnx_cache,
+                )
         result = run_config(config, folder, by_backbone[config.backbone])
         logger.info("%s: mAP %.4f in %.1f s", result.name, result.report.mean_ap, result.seconds)
         results.append(result)
@@ -281,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="output folder (default %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--runtime", choices=RUNTIMES, default="torch",
+        help="torch (default), or embed as the web app's CPU worker does in ONNX Runtime, fp32 or int8 "
+        "(the backbone's own recipe only)",
+    )
+    parser.add_argument("--onnx-cache", type=Path, default=DEFAULT_ONNX_CACHE_DIR,
+                        help="ONNX exports for --runtime onnx* (default %(default)s)")
     return parser
 
 
@@ -295,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache_dir=None if args.no_cache else args.cache_dir,
         device=args.device,
         progress=not args.no_progress,
+        runtime=args.runtime,
+        onnx_cache=args.onnx_cache,
     )
     command = "python -m retrieval.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
     write_outputs(results, args.out, folder=folder, command=command)

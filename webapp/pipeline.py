@@ -32,7 +32,7 @@ class Recipe:
 
     def __init__(
         self, spec: BackboneSpec, config: EmbeddingConfig, projection: Projection | None, device: str,
-        onnx_cache: Path | None = None,
+        onnx_cache: Path | None = None, onnx_precision: str = "fp32",
     ):
         self.spec = spec
         self.config = config
@@ -47,6 +47,16 @@ class Recipe:
         self.dimensions = spec.embedding_dim if projection is None else projection.output_dim
         native = config == EmbeddingConfig.for_backbone(spec)
         self.extractor = Extractor(spec, device=device, config=None if native else config, onnx_cache=onnx_cache)
+        if self.extractor.onnx is not None and onnx_precision != "fp32" and onnx_cache is not None:
+            # The extractor decided ONNX Runtime applies (CPU, the spec's own recipe); swap in the
+            # quantised session, which falls back to fp32 where quantisation is unavailable.
+            self.extractor.onnx = onnx_runtime.load(spec, self.extractor.model, onnx_cache, precision=onnx_precision)
+
+    @property
+    def runtime(self) -> str:
+        """Return what runs the CNN: "torch", "onnxruntime fp32" or "onnxruntime int8"."""
+        onnx = self.extractor.onnx
+        return "torch" if onnx is None else f"onnxruntime {onnx.precision}"
 
     @property
     def single_native_scale(self) -> bool:
@@ -66,7 +76,8 @@ class Recipe:
 
 @functools.cache
 def _recipe(
-    backbone: str, resize: str, pooling: str, scales: tuple[int, ...], projection: str, device: str, runtime: str
+    backbone: str, resize: str, pooling: str, scales: tuple[int, ...], projection: str, device: str, runtime: str,
+    precision: str = "fp32",
 ) -> Recipe:
     spec = _backbone(backbone)
     config = EmbeddingConfig.for_backbone(
@@ -75,7 +86,7 @@ def _recipe(
     loaded = load_projection(Path(projection)) if projection else None
     use_onnx = runtime == "onnx" or (runtime == "auto" and onnx_runtime.available())
     onnx_cache = Path(settings.VAR_DIR) / "cache" / "onnx" if use_onnx else None
-    return Recipe(spec, config, loaded, device, onnx_cache)
+    return Recipe(spec, config, loaded, device, onnx_cache, onnx_precision=precision)
 
 
 SMALL_CNN_PREFIX = "small_cnn:"
@@ -104,4 +115,5 @@ def recipe() -> Recipe:
         settings.EMBEDDING_PROJECTION,
         settings.EMBEDDING_DEVICE,
         settings.EMBEDDING_RUNTIME,
+        settings.ONNX_PRECISION,
     )

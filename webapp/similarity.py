@@ -344,7 +344,9 @@ def images_search(
     """
     scope = search_scope(version=version, viewer=viewer, collection_ids=collection_ids,
                          exclude_image_ids=query.exclude_image_ids)
-    rows = _search_rows(query=query, scope=scope, k=k, expand=expand, generation=search_generation())
+    # The generation only keys the remembered plan of a filtered search: none to read otherwise.
+    generation = search_generation() if scope.collection_ids else None
+    rows = _search_rows(query=query, scope=scope, k=k, expand=expand, generation=generation)
     return _similar_images(rows, scope)
 
 

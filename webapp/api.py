@@ -205,7 +205,9 @@ class CollectionPatch(Schema):
     embed_origins: list[str] | None = None
 
 
-class ImageOut(Schema):
+class _UploadOut(Schema):
+    """What images and videos share: where they live, what they are, how they are doing."""
+
     key: str
     collection: str
     name: str
@@ -217,21 +219,24 @@ class ImageOut(Schema):
     byte_size: int
     url: str
     original_url: str
-    thumbnail_url: str | None
     created_at: datetime
     processed_at: datetime | None
 
     @staticmethod
-    def resolve_collection(obj: Image) -> str:
+    def resolve_collection(obj: Image | Video) -> str:
         return obj.collection.key
 
     @staticmethod
-    def resolve_name(obj: Image) -> str:
+    def resolve_name(obj: Image | Video) -> str:
         return obj.original_name
 
     @staticmethod
-    def resolve_url(obj: Image, context: dict[str, Any]) -> str:
+    def resolve_url(obj: Image | Video, context: dict[str, Any]) -> str:
         return _absolute(context, obj.get_absolute_url())
+
+
+class ImageOut(_UploadOut):
+    thumbnail_url: str | None
 
     @staticmethod
     def resolve_original_url(obj: Image, context: dict[str, Any]) -> str:
@@ -244,34 +249,9 @@ class ImageOut(Schema):
         return _absolute(context, reverse("media_thumbnail", args=[obj.key]))
 
 
-class VideoOut(Schema):
-    key: str
-    collection: str
-    name: str
-    status: str
-    error: str
-    mime_type: str
-    width: int
-    height: int
+class VideoOut(_UploadOut):
     duration: float = Field(..., description="Seconds")
-    byte_size: int
-    url: str
-    original_url: str
     poster_url: str | None
-    created_at: datetime
-    processed_at: datetime | None
-
-    @staticmethod
-    def resolve_collection(obj: Video) -> str:
-        return obj.collection.key
-
-    @staticmethod
-    def resolve_name(obj: Video) -> str:
-        return obj.original_name
-
-    @staticmethod
-    def resolve_url(obj: Video, context: dict[str, Any]) -> str:
-        return _absolute(context, obj.get_absolute_url())
 
     @staticmethod
     def resolve_original_url(obj: Video, context: dict[str, Any]) -> str:

@@ -588,20 +588,22 @@ def media_video_original(request: HttpRequest, key: str) -> HttpResponse:
     return _ranged_media_response(request, video.file_path, video.mime_type)
 
 
+def _video_picture(request: HttpRequest, key: str, relative_of: str, what: str) -> FileResponse:
+    video = videos.video_for_viewer(key=key, viewer=request.user)
+    relative = getattr(video, relative_of)
+    if not relative:
+        raise Http404(f"The {what} is not ready yet.")
+    return _media_response(request, relative, "image/jpeg")
+
+
 @require_GET
 def media_video_poster(request: HttpRequest, key: str) -> FileResponse:
-    video = videos.video_for_viewer(key=key, viewer=request.user)
-    if not video.poster_path:
-        raise Http404("The poster is not ready yet.")
-    return _media_response(request, video.poster_path, "image/jpeg")
+    return _video_picture(request, key, "poster_path", "poster")
 
 
 @require_GET
 def media_video_strip(request: HttpRequest, key: str) -> FileResponse:
-    video = videos.video_for_viewer(key=key, viewer=request.user)
-    if not video.strip_path:
-        raise Http404("The keyframe strip is not ready yet.")
-    return _media_response(request, video.strip_path, "image/jpeg")
+    return _video_picture(request, key, "strip_path", "keyframe strip")
 
 
 @require_GET

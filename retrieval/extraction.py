@@ -187,7 +187,9 @@ class Extractor:
         with torch.inference_mode(), self._autocast():
             for indices in by_shape.values():
                 if self.onnx is not None:
-                    onnx_features, onnx_logits = self.onnx(torch.stack([tensors[i] for i in indices]).numpy())
+                    # numpy, not torch.stack: torch's OpenMP threads spin after each op and, beside
+                    # ORT's threads and the decode threads, burned 4.6 ms of CPU per image on 2 cores.
+                    onnx_features, onnx_logits = self.onnx(np.stack([tensors[i].numpy() for i in indices]))
                     features[indices] = onnx_features
                     if onnx_logits is not None:
                         if logits is None:

@@ -60,7 +60,8 @@ def write_mp4(
                 stream.width, stream.height = array.shape[1], array.shape[0]
                 stream.pix_fmt = "yuv420p"
                 if codec == "libx264":
-                    stream.options = {"crf": str(crf), "preset": "veryfast"}
+                    # One thread: with its default threads libx264 gave other bytes when frames arrived slower.
+                    stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
                 else:
                     stream.codec_context.qscale = True
                     stream.codec_context.global_quality = max(2, min(31, crf - 18)) * _FF_QP2LAMBDA

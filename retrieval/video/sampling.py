@@ -31,11 +31,12 @@ logger = logging.getLogger(__name__)
 #: One frame a second: any moment of the video is then within 0.5 s of a sampled frame, inside the
 #: 1 s a "found the right moment" answer is allowed (docs/quality.md, Video).
 DEFAULT_EVERY_SECONDS = 1.0
-#: Histogram distance (0-1, see `scene_difference`) that counts as a new scene. Measured on 20
-#: synthetic videos (Corel photos, 10 fps, a draw apart from the evaluated one): the 37 cuts
-#: differ from the frame before by 0.165 or more (median 0.53), pans and zooms by 0.077 at most
-#: from one frame to the next (median 0.016); 0.12 sits between. 32x32 luma thumbnails separated
-#: them worse (cuts from 0.114, motion up to 0.089), since a pan moves every pixel.
+#: Histogram distance (0-1, see `scene_difference`) that counts as a new scene. Measured by
+#: bench/video_scenes.py on 20 synthetic videos (Corel photos, 10 fps, a draw apart from the
+#: evaluated ones): the 35 cuts differ from the frame before by 0.204 or more (median 0.60), pans
+#: and zooms by 0.093 at most from one frame to the next (median 0.015); 0.12 sits between, on
+#: the low side because a missed cut costs more than one extra frame. 32x32 luma thumbnails
+#: separate them worse (cuts from 0.113, motion up to 0.090), since a pan moves every pixel.
 DEFAULT_SCENE_THRESHOLD = 0.12
 #: Frames kept per video at most: five minutes at one a second, ~10 s of embedding on 2 cores with
 #: ONNX Runtime, and 300 x 1280 halfvec = 750 KB of vectors a video.
@@ -45,7 +46,8 @@ DEFAULT_MAX_FRAMES = 300
 DEFAULT_MAX_SIDE = 400
 #: Bits kept of Y, U and V in the scene histogram: 3 each, so 8 x 8 x 8 = 512 bins.
 _HISTOGRAM_BITS = 3
-#: Pixels counted into a scene histogram at most (a regular subsample): ~1 ms a frame at 1080p.
+#: Pixels counted into a scene histogram at most (a regular subsample), so the cost does not grow
+#: with the frame size.
 _HISTOGRAM_SAMPLES = 16_384
 # Planar 8-bit YUV formats: their three planes go straight into the histogram.
 _PLANAR_YUV = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p"})

@@ -106,6 +106,24 @@ def test_it_rejects_a_video_over_the_limits(three_shots: Path) -> None:
     assert too_large.value.code == "video_too_large"
 
 
+def test_probe_and_sample_a_webm(tmp_path: Path) -> None:
+    path = tmp_path / "clip.webm"
+    with av.open(str(path), mode="w", format="webm") as container:
+        stream = container.add_stream("libvpx", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        base = np.asarray(photo("chelsea").resize((96, 64)))
+        for index in range(25):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 2 * index, axis=1), format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    info = video.probe(path)
+    assert (info.format, info.mime, info.codec, info.width, info.height) == ("webm", "video/webm", "vp8", 96, 64)
+    assert info.duration == pytest.approx(2.5, abs=FRAME_PERIOD)
+    frames = video.sample_frames(path, every_seconds=1.0, scene_threshold=None)
+    assert [f.timestamp for f in frames] == pytest.approx([0, 1, 2], abs=FRAME_PERIOD)
+
+
 def test_it_rejects_an_audio_only_mp4(tmp_path: Path) -> None:
     path = tmp_path / "sound.mp4"
     with av.open(str(path), mode="w", format="mp4") as container:

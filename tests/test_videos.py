@@ -366,3 +366,47 @@ def test_moments_are_cached_with_similar_images_and_a_new_video_shows_at_once(ow
     again = client.get(reverse("image", args=[photo.key])).context["moments"]
     assert [m.video.key for m in first] == [m.video.key for m in again] == [video.key]
     assert calls == [1]  # the second page came from the cache
+
+
+def _write(path: Path, fmt: str, codec: str) -> bytes:
+    import av
+
+    base = np.asarray(skimage_photo("chelsea").resize((96, 64)))
+    with av.open(str(path), mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for index in range(25):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 2 * index, axis=1), format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path.read_bytes()
+
+
+def _animated_webp(path: Path) -> bytes:
+    frames = [skimage_photo(name).resize((96, 64)) for name in ("chelsea", "coffee", "rocket")]
+    frames[0].save(path, "WEBP", save_all=True, append_images=frames[1:], duration=800, loop=0)
+    return path.read_bytes()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("name", "make", "container"),
+    [
+        ("clip.webm", lambda p: _write(p, "webm", "libvpx"), "webm"),
+        ("clip.mov", lambda p: _write(p, "mov", "libx264"), "mov"),
+        ("clip.webp", _animated_webp, "webp"),
+    ],
+)
+def test_webm_mov_and_animated_webp_upload_as_videos_and_index(owner_client, owner, tmp_path, name, make,
+                                                               container) -> None:
+    from webapp import videos
+
+    key = create_collection(owner_client, "Clips")
+    result = upload(owner_client, key, name, make(tmp_path / name))
+    assert result["status"] == 202 and result["outcome"] == "accepted", result
+    video = Video.objects.get(key=result["video"]["key"])
+    assert video.container == container
+    assert videos.video_index(video_id=video.pk) >= 2
+    video.refresh_from_db()
+    assert video.status == ImageStatus.READY and video.poster_path

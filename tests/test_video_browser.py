@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import ARTIFACTS
+from tests.test_accessibility import AUDIT
 from tests.test_videos import jittered_crop, make_clip
 from webapp import services, videos
 
@@ -31,6 +32,7 @@ def test_clicking_a_moment_plays_the_video_from_that_second(browser, live_server
     assert shots[1][0] - 1.0 <= timestamp <= shots[1][1]
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "image-moments.png"), full_page=True)
+    assert page.evaluate(AUDIT) == []  # alt text, labels, contrast of the timecodes
     moment.click()
     page.wait_for_url(f"**/v/{video.key}/?t=*")
     page.wait_for_function("() => { const v = document.getElementById('player');"
@@ -41,6 +43,7 @@ def test_clicking_a_moment_plays_the_video_from_that_second(browser, live_server
     assert timestamp - 0.25 <= position <= timestamp + 2.0
     assert page.evaluate("() => document.getElementById('player').error") is None
     page.screenshot(path=str(ARTIFACTS / "video.png"), full_page=True)
+    assert page.evaluate(AUDIT) == []
 
     # A keyframe click seeks without leaving the page.
     first = page.locator("#keyframes a").first

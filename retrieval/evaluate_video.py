@@ -47,6 +47,8 @@ MOMENT_TOLERANCE = 1.0
 EMBED_BATCH = 32
 #: GRU trainings per protocol; the table gives their mean and spread.
 GRU_SEEDS = (0, 1, 2)
+#: The encoder's temperature, and SimCLR's 0.1 to show why it is not the default.
+TEMPERATURES = (video_encoder.TEMPERATURE, 0.1)
 
 #: name -> (every_seconds, scene_threshold) of the sampling modes compared.
 SAMPLING_MODES: dict[str, tuple[float | None, float | None]] = {
@@ -191,12 +193,13 @@ def sample_all(
 
 def _gru_scores(
     name: str, train_on: Sequence[np.ndarray], test: Sequence[np.ndarray], labels: np.ndarray,
-    classes: Sequence[str], *, source_key: str, epochs: int, device: str,
+    classes: Sequence[str], *, source_key: str, epochs: int, temperature: float, device: str,
 ) -> VideoScore:
     started = time.perf_counter()
     maps, p1s = [], []
     for seed in GRU_SEEDS:
-        model, _ = video_encoder.train(train_on, epochs=epochs, seed=seed, device=device, source_key=source_key)
+        model, _ = video_encoder.train(train_on, epochs=epochs, temperature=temperature, seed=seed, device=device,
+                                       source_key=source_key)
         mean_ap, p1 = video_map(video_encoder.encode_many(model, test), labels, classes)
         maps.append(mean_ap)
         p1s.append(p1)
@@ -254,11 +257,13 @@ def run(
     untrained = video_encoder.VideoEncoder(spec.embedding_dim)
     mean_ap, p1 = video_map(video_encoder.encode_many(untrained, test), labels, folder.classes)
     scores.append(VideoScore("GRU, untrained (zero output layer)", mean_ap, 0.0, p1, 0.0))
-    common = {"source_key": spec.key, "epochs": epochs, "device": device}
-    scores.append(_gru_scores(f"GRU trained on the {len(train_set)} other videos", train_set, test, labels,
-                              folder.classes, **common))  # type: ignore[arg-type]
-    scores.append(_gru_scores(f"GRU trained on the {len(test)} test videos themselves", test, test, labels,
-                              folder.classes, **common))  # type: ignore[arg-type]
+    for temperature in TEMPERATURES:
+        for name, train_on in ((f"the {len(train_set)} other videos", train_set),
+                               (f"the {len(test)} test videos themselves", test)):
+            scores.append(_gru_scores(
+                f"GRU (τ={temperature:g}) trained on {name}", train_on, test, labels, folder.classes,
+                source_key=spec.key, epochs=epochs, temperature=temperature, device=device,
+            ))
     return moments, scores, timings
 
 

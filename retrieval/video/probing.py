@@ -24,8 +24,9 @@ from retrieval.video.formats import (
     video_stream,
 )
 
-#: Default duration limit. Sampling every second decodes a 640x480 H.264 video at ~300 frames/s
-#: here (2 cores) and embeds ~10 frames/s with PyTorch, so five minutes costs ~30 s of worker time.
+#: Default duration limit. On 2 cores sampling a 10 s 640x480 30 fps H.264 video takes 0.3-0.5 s
+#: (bench/video_scenes.py) and ONNX Runtime embeds ~60 frames/s, so five minutes at one frame a
+#: second costs ~20 s of worker time (eager PyTorch: ~45 s).
 DEFAULT_MAX_DURATION = 300.0
 #: Default pixel limit per frame: 4K UHD. Larger frames (8K) decode at a few frames/s on 2 cores.
 DEFAULT_MAX_PIXELS = 3840 * 2160

@@ -17,8 +17,9 @@ from PIL import Image, ImageEnhance
 
 from retrieval.video.writing import write_mp4
 
-#: Frame size of the synthetic videos: 3:2 like Corel's 384x256 photos, so a shot crops little.
-DEFAULT_SIZE = (360, 240)
+#: Frame size of the synthetic videos: Corel's own 384x256 (3:2), so a shot crops little; sides in
+#: multiples of 16 keep libx264's output the same from run to run (`write_mp4`).
+DEFAULT_SIZE = (384, 256)
 DEFAULT_FPS = 10.0
 #: Shot lengths are drawn from this range (seconds), so cuts fall at irregular times.
 DEFAULT_SHOT_SECONDS = (3.0, 5.0)
@@ -113,7 +114,7 @@ def render_video(
         path: the MP4 to write.
         shot_seconds: each shot's length; rounded to whole frames.
         fps: frames per second.
-        size: frame (width, height); even numbers.
+        size: frame (width, height); multiples of 16 for repeatable bytes.
         noise: Gaussian noise standard deviation (0-255).
         crf: libx264 constant rate factor.
         seed: seeds the pans and the noise.

@@ -51,7 +51,7 @@ def test_probe_reads_a_generated_mp4(three_shots: Path) -> None:
     info = video.probe(three_shots)
     assert (info.format, info.mime, info.extension) == ("mp4", "video/mp4", "mp4")
     assert info.codec == video.mp4_codec().replace("lib", "").replace("x264", "h264")
-    assert (info.width, info.height) == (360, 240)
+    assert (info.width, info.height) == (384, 256)
     assert info.duration == pytest.approx(7.5, abs=FRAME_PERIOD)
     assert info.fps == pytest.approx(FPS)
     assert info.frame_count == 75

@@ -31,7 +31,8 @@ def write_mp4(
 ) -> Path:
     """Encode RGB frames (PIL images or HxWx3 uint8 arrays, one size) as an H.264 MP4, lossy.
 
-    Odd widths or heights lose their last column or row (4:2:0 chroma needs even sizes).
+    Odd widths or heights lose their last column or row (4:2:0 chroma needs even sizes). With
+    libx264 the bytes are the same on every run when both sides are multiples of 16.
 
     Args:
         frames: the frames, in order; at least one.
@@ -60,7 +61,9 @@ def write_mp4(
                 stream.width, stream.height = array.shape[1], array.shape[0]
                 stream.pix_fmt = "yuv420p"
                 if codec == "libx264":
-                    # One thread: with its default threads libx264 gave other bytes when frames arrived slower.
+                    # Repeatable bytes need one thread and sides in multiples of 16: otherwise the first
+                    # video a process encodes differs in its first B-frames from the next ones (x264
+                    # reads macroblock padding that is not initialised); measured, not documented.
                     stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
                 else:
                     stream.codec_context.qscale = True

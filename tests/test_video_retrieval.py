@@ -96,6 +96,24 @@ def _webm_header_only() -> bytes:
     return b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\xf7\x81\x01\x42\x82\x84webm" + bytes(40)
 
 
+def test_it_rejects_a_streamable_mp4_cut_short(tmp_path: Path) -> None:
+    path = tmp_path / "faststart.mp4"
+    base = np.asarray(photo("coffee").resize((128, 96)))
+    with av.open(str(path), mode="w", format="mp4", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream(video.mp4_codec(), rate=10)
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        for index in range(40):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 3 * index, axis=1), format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    assert video.probe(path).frame_count == 40
+    data_bytes = path.read_bytes()
+    path.write_bytes(data_bytes[: len(data_bytes) * 2 // 3])  # the index comes first: it still opens
+    with pytest.raises(video.CorruptVideo, match="truncated"):
+        video.probe(path)
+
+
 def test_it_rejects_a_video_over_the_limits(three_shots: Path) -> None:
     with pytest.raises(video.VideoTooLong) as too_long:
         video.probe(three_shots, max_duration=5.0)

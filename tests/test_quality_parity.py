@@ -84,12 +84,18 @@ def test_the_web_app_ranks_like_the_offline_evaluation(
         time.sleep(0.3)
     services.collection_augment(collection_id=collection.pk)  # what the worker does once uploads settle
 
-    # Same files, same vectors: the worker's embeddings equal retrieval's, as evaluate computes them.
+    # Same files, same vectors: the worker's embeddings equal retrieval's, as evaluate computes them
+    # with the worker's runtime (ONNX Runtime at ONNX_PRECISION, from the worker's exported models).
+    from retrieval import onnx_runtime
     from retrieval.backbones import get_backbone
     from retrieval.extraction import Extractor
     from retrieval.folders import open_rgb
 
-    offline = Extractor(get_backbone("efficientnet_lite0"), device="cpu").embed([open_rgb(p) for p in folder.paths])
+    spec = get_backbone("efficientnet_lite0")
+    onnx_cache = Path(settings.VAR_DIR) / "cache" / "onnx"
+    extractor = Extractor(spec, device="cpu", onnx_cache=onnx_cache)
+    extractor.onnx = onnx_runtime.load(spec, extractor.model, onnx_cache, precision=settings.ONNX_PRECISION)
+    offline = extractor.embed([open_rgb(p) for p in folder.paths])
     stored = {row.image.key: np.asarray(row.vector) for row in Embedding.objects.select_related("image")}
     np.testing.assert_allclose(np.stack([stored[k] for k in keys]), offline.vectors, atol=1e-4)
 
@@ -113,7 +119,8 @@ def test_the_web_app_ranks_like_the_offline_evaluation(
     config = f"dba={settings.SIMILAR_DBA},qe={settings.SIMILAR_QE},alpha={settings.SIMILAR_ALPHA}"
     subprocess.run(
         [sys.executable, "-m", "retrieval.evaluate", str(labelled_folder), "--config", config, "--no-cache",
-         "--device", "cpu", "--no-progress", "--out", str(out)],
+         "--device", "cpu", "--no-progress", "--out", str(out),
+         "--runtime", "onnx-int8" if settings.ONNX_PRECISION == "int8" else "onnx", "--onnx-cache", str(onnx_cache)],
         cwd=ROOT, check=True, capture_output=True,
     )
     reported = json.loads((out / "results.json").read_text())

@@ -24,7 +24,7 @@ from retrieval.video.formats import (
     video_stream,
 )
 
-#: Default duration limit. On 2 cores sampling a 10 s 640x480 30 fps H.264 video takes 0.3-0.5 s
+#: Default duration limit. On 2 cores sampling a 10 s 640x480 30 fps H.264 video takes 0.2-0.5 s
 #: (bench/video_scenes.py) and ONNX Runtime embeds ~60 frames/s, so five minutes at one frame a
 #: second costs ~20 s of worker time (eager PyTorch: ~45 s).
 DEFAULT_MAX_DURATION = 300.0

@@ -33,10 +33,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_EVERY_SECONDS = 1.0
 #: Histogram distance (0-1, see `scene_difference`) that counts as a new scene. Measured by
 #: bench/video_scenes.py on 20 synthetic videos (Corel photos, 10 fps, a draw apart from the
-#: evaluated ones): the 35 cuts differ from the frame before by 0.204 or more (median 0.60), pans
-#: and zooms by 0.093 at most from one frame to the next (median 0.015); 0.12 sits between, on
+#: evaluated ones): the 35 cuts differ from the frame before by 0.247 or more (median 0.53), pans
+#: and zooms by 0.099 at most from one frame to the next (median 0.016); 0.12 sits between, on
 #: the low side because a missed cut costs more than one extra frame. 32x32 luma thumbnails
-#: separate them worse (cuts from 0.113, motion up to 0.090), since a pan moves every pixel.
+#: separate them less (cuts from 0.144, motion up to 0.085), since a pan moves every pixel.
 DEFAULT_SCENE_THRESHOLD = 0.12
 #: Frames kept per video at most: five minutes at one a second, ~5 s of embedding on 2 cores with
 #: ONNX Runtime (1,943 frames took 32 s in the evaluation), and 300 x 1280 halfvec = 750 KB a video.

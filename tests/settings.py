@@ -30,3 +30,9 @@ if EMBEDDED_REDIS:
 MEDIA_ROOT = TEST_VAR_DIR / "media"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests
 SEARCH_TIMEOUT = 60.0  # the first query waits for the worker to load the CNN
+
+# The limiter counts per client address and minute, and every test request comes from
+# 127.0.0.1: left on, one test's uploads would rate-limit another's, depending on order and
+# timing. Tests of the limiter set their own rates (tests/test_security.py, tests/test_api.py).
+RATE_LIMIT_UPLOAD = (0, 1)
+RATE_LIMIT_SEARCH = (0, 1)

@@ -20,13 +20,6 @@ from webapp.models import FrameEmbedding, Image, ImageStatus, Video, VideoEmbedd
 READY_TIMEOUT = 240  # the first task loads the CNN in the worker
 
 
-@pytest.fixture(autouse=True)
-def no_rate_limits(settings) -> None:
-    """These tests upload many files in a minute from one address; the limiter has its own tests."""
-    settings.RATE_LIMIT_UPLOAD = (0, 1)
-    settings.RATE_LIMIT_SEARCH = (0, 1)
-
-
 def skimage_photo(name: str) -> PILImage.Image:
     from skimage import data
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 from PIL import Image as PILImage
@@ -82,8 +83,9 @@ def test_an_uploaded_video_is_indexed_and_a_photo_finds_its_moment(
     video = Video.objects.get(key=a["video"]["key"])
     frames = list(VideoFrame.objects.filter(video=video).order_by("timestamp"))
     # The worker kept what the sampler keeps for this file with the product's settings.
-    expected = rv.sample_frames(tmp_path / "a.mp4", every_seconds=1.0, scene_threshold=0.1, max_frames=300,
-                                max_side=400)
+    expected = rv.sample_frames(tmp_path / "a.mp4", every_seconds=settings.VIDEO_FRAME_EVERY,
+                                scene_threshold=settings.VIDEO_SCENE_THRESHOLD, max_frames=settings.VIDEO_MAX_FRAMES,
+                                max_side=settings.THUMBNAIL_SIZE)
     assert [f.timestamp for f in frames] == pytest.approx([f.timestamp for f in expected], abs=1e-3)
     assert frames[0].timestamp == 0.0
     assert all(any(abs(f.timestamp - second) <= 0.1 for f in frames) for second in range(6))  # one a second

@@ -266,7 +266,7 @@ MAX_VIDEO_PIXELS = env_int("MAX_VIDEO_PIXELS", 3840 * 2160, minimum=1)
 # Frames sampled per video: one every VIDEO_FRAME_EVERY seconds plus scene changes (a histogram
 # distance above VIDEO_SCENE_THRESHOLD; 0 turns that off), at most VIDEO_MAX_FRAMES.
 VIDEO_FRAME_EVERY = env_float("VIDEO_FRAME_EVERY", 1.0, minimum=0.0)
-VIDEO_SCENE_THRESHOLD = env_float("VIDEO_SCENE_THRESHOLD", 0.1, minimum=0.0)
+VIDEO_SCENE_THRESHOLD = env_float("VIDEO_SCENE_THRESHOLD", 0.12, minimum=0.0)
 VIDEO_MAX_FRAMES = env_int("VIDEO_MAX_FRAMES", 300, minimum=1, maximum=10_000)
 VIDEO_STRIP_HEIGHT = env_int("VIDEO_STRIP_HEIGHT", 96, minimum=16, maximum=512)
 VIDEO_MOMENTS_K = env_int("VIDEO_MOMENTS_K", 6, minimum=0, maximum=50)

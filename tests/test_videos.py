@@ -405,3 +405,18 @@ def test_webm_mov_and_animated_webp_upload_as_videos_and_index(owner_client, own
     assert videos.video_index(video_id=video.pk) >= 2
     video.refresh_from_db()
     assert video.status == ImageStatus.READY and video.poster_path
+
+
+@pytest.mark.django_db
+def test_a_video_over_the_byte_limit_is_refused_before_it_is_read(owner_client, settings, tmp_path) -> None:
+    make_clip(tmp_path / "a.mp4", ["rocket"], [2.0])
+    data = (tmp_path / "a.mp4").read_bytes()
+    settings.MAX_VIDEO_BYTES = len(data) - 1
+    settings.MAX_UPLOAD_BYTES = len(data) * 10  # the video limit applies to videos, not the photo one
+    key = create_collection(owner_client, "Clips")
+    result = upload(owner_client, key, "a.mp4", data)
+    assert (result["status"], result["code"]) == (413, "file_too_large"), result
+    assert str(len(data) - 1) in result["message"].replace(",", "")
+    assert not Video.objects.exists() and media_files() == []
+    settings.MAX_VIDEO_BYTES = len(data)
+    assert upload(owner_client, key, "a.mp4", data)["status"] == 202

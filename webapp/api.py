@@ -270,14 +270,6 @@ class FrameOut(Schema):
     frame_url: str = Field(..., description="The frame as a small JPEG")
 
 
-class VideoDetailOut(VideoOut):
-    frames: list[FrameOut]
-
-    @staticmethod
-    def resolve_frames(obj: Video, context: dict[str, Any]) -> list[dict[str, Any]]:
-        return [_frame_out(context["request"], obj, frame) for frame in obj.frames.all()]
-
-
 class MomentOut(Schema):
     video: VideoOut
     timestamp: float = Field(..., description="Seconds from the start: the best-matching frame")
@@ -309,16 +301,6 @@ class SimilarListOut(Schema):
     results: list[SimilarOut]
     moments: list[MomentOut] = Field(default_factory=list,
                                      description="Videos with a matching moment, one per video, best first")
-
-
-class SimilarVideoOut(Schema):
-    video: VideoOut
-    similarity: float
-
-
-class SimilarVideosOut(Schema):
-    representation: str = Field(..., description="mean (mean-pooled frame vectors) or the encoder's key")
-    results: list[SimilarVideoOut]
 
 
 def _frame_out(request: HttpRequest, video: Video, frame: Any) -> dict[str, Any]:
@@ -582,25 +564,3 @@ def search_examples(request: HttpRequest, payload: ExamplesIn) -> Any:
         "model": version.key if version else None,
         "results": [{"image": r.image, "similarity": r.similarity} for r in results],
     })
-
-
-
-@api.get("/videos/{key}", response={200: VideoDetailOut, **ERRORS}, tags=["videos"],
-         summary="A video, with its sampled keyframes")
-def videos_detail(request: HttpRequest, key: str) -> Any:
-    return Status(200, videos.video_for_viewer(key=key, viewer=_viewer(request)))
-
-
-@api.get("/videos/{key}/similar", response={200: SimilarVideosOut, **ERRORS}, tags=["videos"],
-         summary="Videos most similar to a video")
-def videos_similar(request: HttpRequest, key: str, k: int = 6) -> Any:
-    """By mean-pooled frame vectors, or the trained recurrent encoder when VIDEO_ENCODER=gru."""
-    viewer = _viewer(request)
-    if not 1 <= k <= 100:
-        raise ApiError(400, "invalid_request", "k: must be between 1 and 100")
-    video = videos.video_for_viewer(key=key, viewer=viewer)
-    representation = videos.video_representation(video)
-    encoder = representation[1] if representation else None
-    results = videos.videos_similar(video=video, viewer=viewer, k=k)
-    return Status(200, {"representation": encoder.key if encoder else "mean",
-                        "results": [{"video": v, "similarity": score} for v, score in results]})

@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from webapp import admin_pages, views, widget
+from webapp import admin_pages, api_videos, video_views, views, widget  # noqa: F401  (api_videos adds routes)
 from webapp.api import api
 
 urlpatterns = [
@@ -27,16 +27,16 @@ urlpatterns = [
     path("i/<str:key>/", views.image_detail, name="image"),
     path("i/<str:key>/reembed/", views.image_reembed, name="image_reembed"),
     path("i/<str:key>/delete/", views.image_delete, name="image_delete"),
-    path("v/<str:key>/", views.video_detail, name="video"),
-    path("v/<str:key>/delete/", views.video_delete, name="video_delete"),
+    path("v/<str:key>/", video_views.video_detail, name="video"),
+    path("v/<str:key>/delete/", video_views.video_delete, name="video_delete"),
     path("tags/<path:label>/", views.tag_detail, name="tag"),
     path("media/i/<str:key>/original", views.media_original, name="media_original"),
     path("media/i/<str:key>/thumbnail", views.media_thumbnail, name="media_thumbnail"),
     path("media/i/<str:key>/thumbnail-small", views.media_thumbnail_small, name="media_thumbnail_small"),
-    path("media/v/<str:key>/original", views.media_video_original, name="media_video_original"),
-    path("media/v/<str:key>/poster", views.media_video_poster, name="media_video_poster"),
-    path("media/v/<str:key>/strip", views.media_video_strip, name="media_video_strip"),
-    path("media/v/<str:key>/frames/<int:frame_id>", views.media_video_frame, name="media_video_frame"),
+    path("media/v/<str:key>/original", video_views.media_video_original, name="media_video_original"),
+    path("media/v/<str:key>/poster", video_views.media_video_poster, name="media_video_poster"),
+    path("media/v/<str:key>/strip", video_views.media_video_strip, name="media_video_strip"),
+    path("media/v/<str:key>/frames/<int:frame_id>", video_views.media_video_frame, name="media_video_frame"),
     path("search/", views.search, name="search"),
     path("account/tokens/", views.account_tokens, name="account_tokens"),
     path("account/tokens/<int:token_id>/revoke/", views.account_token_revoke, name="account_token_revoke"),

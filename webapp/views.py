@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from urllib.parse import urlencode
 
 import numpy as np
@@ -12,7 +11,7 @@ from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import TooManyFilesSent, ValidationError
 from django.core.paginator import Paginator
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -21,7 +20,7 @@ from retrieval import video as rv
 from retrieval.errors import ImageRejected
 from webapp import duplicates, ratelimit, selectors, services, sharing, similarity, storage, videos
 from webapp.forms import CollectionForm, CollectionSettingsForm, EditorAddForm, SearchForm, SignupForm
-from webapp.models import Collection, Image, ImageStatus, Video, VideoFrame
+from webapp.models import Collection, Image, ImageStatus, Video
 
 #: Width of the small thumbnails a phone's two-column grid loads instead of the full ones.
 SMALL_THUMBNAIL_SIZE = 200
@@ -504,112 +503,3 @@ def _search_examples(request: HttpRequest, context: dict[str, object]) -> HttpRe
     return render(request, "search.html", context)
 
 
-
-# --- videos -----------------------------------------------------------------------------------
-
-
-@require_GET
-def video_detail(request: HttpRequest, key: str) -> HttpResponse:
-    video = videos.video_for_viewer(key=key, viewer=request.user)
-    try:
-        start = max(0.0, min(float(request.GET.get("t", "0")), video.duration))
-    except ValueError:
-        start = 0.0
-    return render(request, "video.html", {
-        "video": video,
-        "start": start,
-        "frames": video.frames.all() if video.is_ready else [],
-        "similar_videos": videos.videos_similar(video=video, viewer=request.user),
-        "uploader": video.uploaded_by.get_username() if video.uploaded_by else "",
-        "can_curate": selectors.can_curate(request.user, video.collection),
-    })
-
-
-@login_required
-@require_POST
-def video_delete(request: HttpRequest, key: str) -> HttpResponse:
-    video = videos.video_for_viewer(key=key, viewer=request.user)
-    if not selectors.can_curate(request.user, video.collection):
-        raise Http404("No such video.")
-    collection = video.collection
-    videos.video_delete(video=video)
-    messages.success(request, "Video deleted.")
-    return redirect(collection)
-
-
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
-_CHUNK = 256 * 1024
-
-
-def _ranged_media_response(request: HttpRequest, relative: str, content_type: str) -> HttpResponse:
-    """A media file that answers byte ranges: what a browser's video player seeks with."""
-    try:
-        path = storage.media_path(relative)
-        size = path.stat().st_size
-    except (FileNotFoundError, ValueError):
-        raise Http404("No such file.") from None
-    match = _RANGE.fullmatch(request.headers.get("Range", "").strip())
-    if match is None or not (match[1] or match[2]):
-        response: HttpResponse = _media_response(request, relative, content_type)
-    else:
-        if match[1]:
-            start, end = int(match[1]), min(int(match[2]) if match[2] else size - 1, size - 1)
-        else:
-            start, end = max(0, size - int(match[2])), size - 1
-        if start > end or start >= size:
-            response = HttpResponse(status=416)
-            response["Content-Range"] = f"bytes */{size}"
-            return response
-
-        def chunks() -> object:
-            with path.open("rb") as handle:
-                handle.seek(start)
-                left = end - start + 1
-                while left > 0:
-                    block = handle.read(min(_CHUNK, left))
-                    if not block:
-                        return
-                    left -= len(block)
-                    yield block
-
-        response = StreamingHttpResponse(chunks(), status=206, content_type=content_type)
-        response["Content-Range"] = f"bytes {start}-{end}/{size}"
-        response["Content-Length"] = str(end - start + 1)
-        response["X-Content-Type-Options"] = "nosniff"
-        response["Cache-Control"] = "private, max-age=300"
-        response["Content-Security-Policy"] = "default-src 'none'; sandbox"
-    response["Accept-Ranges"] = "bytes"
-    return response
-
-
-@require_GET
-def media_video_original(request: HttpRequest, key: str) -> HttpResponse:
-    video = videos.video_for_viewer(key=key, viewer=request.user)
-    return _ranged_media_response(request, video.file_path, video.mime_type)
-
-
-def _video_picture(request: HttpRequest, key: str, relative_of: str, what: str) -> FileResponse:
-    video = videos.video_for_viewer(key=key, viewer=request.user)
-    relative = getattr(video, relative_of)
-    if not relative:
-        raise Http404(f"The {what} is not ready yet.")
-    return _media_response(request, relative, "image/jpeg")
-
-
-@require_GET
-def media_video_poster(request: HttpRequest, key: str) -> FileResponse:
-    return _video_picture(request, key, "poster_path", "poster")
-
-
-@require_GET
-def media_video_strip(request: HttpRequest, key: str) -> FileResponse:
-    return _video_picture(request, key, "strip_path", "keyframe strip")
-
-
-@require_GET
-def media_video_frame(request: HttpRequest, key: str, frame_id: int) -> FileResponse:
-    video = videos.video_for_viewer(key=key, viewer=request.user)
-    frame = VideoFrame.objects.filter(pk=frame_id, video=video).first()
-    if frame is None:
-        raise Http404("No such frame.")
-    return _media_response(request, frame.thumbnail_path, "image/jpeg")

@@ -78,16 +78,16 @@ class ImageStatus(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
-class Image(models.Model):
+class Upload(models.Model):
+    """What a stored photo and a stored video share: a file and its processing (each names its collection)."""
+
     key = models.CharField(max_length=24, unique=True, default=new_key, editable=False)
-    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="images")
     uploaded_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     sha256 = models.CharField(max_length=64)
     # Paths relative to MEDIA_ROOT, derived from the content hash, never from client names.
     file_path = models.CharField(max_length=200)
-    thumbnail_path = models.CharField(max_length=200, blank=True)
     original_name = models.CharField(max_length=255, blank=True)
     mime_type = models.CharField(max_length=50)
     width = models.PositiveIntegerField()
@@ -97,12 +97,27 @@ class Image(models.Model):
         max_length=16, choices=ImageStatus.choices, default=ImageStatus.PENDING
     )
     error = models.TextField(blank=True)
-    # When the embed task was last handed to the broker; NULL while it never was (broker down).
+    # When the task was last handed to the broker; NULL while it never was (broker down).
     enqueued_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+    def __str__(self) -> str:
+        return self.original_name or self.key
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == ImageStatus.READY
+
+
+class Image(Upload):
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="images")
+    thumbnail_path = models.CharField(max_length=200, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -115,17 +130,10 @@ class Image(models.Model):
             models.Index(fields=["sha256"], name="image_sha256"),
         ]
 
-    def __str__(self) -> str:
-        return self.original_name or self.key
-
     def get_absolute_url(self) -> str:
         from django.urls import reverse
 
         return reverse("image", args=[self.key])
-
-    @property
-    def is_ready(self) -> bool:
-        return self.status == ImageStatus.READY
 
 
 class ImageTag(models.Model):
@@ -261,37 +269,19 @@ class NearDuplicate(models.Model):
 
 
 
-class Video(models.Model):
+class Video(Upload):
     """A short video in a collection; searchable through the frames its worker sampled.
 
     Visibility is its collection's, as for images. Statuses are the images' (pending, processing,
     ready, failed): frames and vectors are written in one transaction as it becomes ready.
     """
 
-    key = models.CharField(max_length=24, unique=True, default=new_key, editable=False)
     collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="videos")
-    uploaded_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
-    sha256 = models.CharField(max_length=64)
-    file_path = models.CharField(max_length=200)
     poster_path = models.CharField(max_length=200, blank=True)
     strip_path = models.CharField(max_length=200, blank=True)
-    original_name = models.CharField(max_length=255, blank=True)
-    mime_type = models.CharField(max_length=50)
     container = models.CharField(max_length=16)  # mp4, mov, webm, gif, webp
     codec = models.CharField(max_length=50, blank=True)
-    width = models.PositiveIntegerField()
-    height = models.PositiveIntegerField()
     duration = models.FloatField()  # seconds
-    byte_size = models.PositiveBigIntegerField()
-    status = models.CharField(max_length=16, choices=ImageStatus.choices, default=ImageStatus.PENDING)
-    error = models.TextField(blank=True)
-    enqueued_at = models.DateTimeField(null=True, blank=True)
-    attempts = models.PositiveIntegerField(default=0)
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
-    processed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -303,17 +293,10 @@ class Video(models.Model):
             models.Index(fields=["status"], name="video_status"),
         ]
 
-    def __str__(self) -> str:
-        return self.original_name or self.key
-
     def get_absolute_url(self) -> str:
         from django.urls import reverse
 
         return reverse("video", args=[self.key])
-
-    @property
-    def is_ready(self) -> bool:
-        return self.status == ImageStatus.READY
 
 
 class VideoFrame(models.Model):

@@ -152,3 +152,25 @@ def test_copies_in_other_collections_show_once_without_a_recorded_pair(owner, an
     names = [r["image"]["name"] for r in anonymous_client.get(f"/api/v1/images/{query.key}/similar").json()["results"]]
     assert sorted(names) == sorted(["other.jpg", names[0] if names[0] != "other.jpg" else names[1]])
     assert sum(name.startswith("copy") for name in names) == 1
+
+
+def test_more_copies_than_the_margin_still_leave_k_results(owner, anonymous_client) -> None:
+    """Eight copies of one photo outrank everything else: the search looks deeper, k results return."""
+    from webapp import similarity
+
+    version = default_version()
+    collection = CollectionFactory(owner=owner, visibility=Visibility.PUBLIC)
+    query = ImageFactory(collection=collection)
+    embed(query, unit_vector(1), version)
+    base = near(unit_vector(1), 7, spread=0.3)
+    for index in range(similarity.COLLAPSE_MARGIN + 4):
+        embed(ImageFactory(collection=collection, original_name=f"copy{index}.jpg"),
+              _copy(base, 30 + index, spread=0.03), version)
+    for index in range(10):
+        embed(ImageFactory(collection=collection, original_name=f"other{index}.jpg"),
+              near(unit_vector(1), 60 + index), version)
+    body = anonymous_client.get(f"/api/v1/images/{query.key}/similar?k=5").json()
+    names = [r["image"]["name"] for r in body["results"]]
+    assert len(names) == 5
+    assert sum(name.startswith("copy") for name in names) == 1
+    assert names[0].startswith("copy")  # the copies' group is the best match, shown once

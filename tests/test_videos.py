@@ -319,7 +319,7 @@ def test_deleting_removes_files_and_the_reconciler_requeues_a_video_whose_worker
 
     # The worker claimed it and died: "processing" for too long. The reconciler queues it again.
     queued: list[int] = []
-    monkeypatch.setattr(tasks.index_video, "apply_async", lambda args, queue: queued.append(args[0]))
+    monkeypatch.setattr(tasks.index_video, "apply_async", lambda args, kwargs=None, queue=None: queued.append(args[0]))
     Video.objects.filter(pk=video.pk).update(status=ImageStatus.PROCESSING)
     Video.objects.filter(pk=video.pk).update(updated_at=timezone.now() - timedelta(hours=2))
     assert videos.videos_requeue_stale() == 1 and queued == [video.pk]
@@ -420,3 +420,73 @@ def test_a_video_over_the_byte_limit_is_refused_before_it_is_read(owner_client, 
     assert not Video.objects.exists() and media_files() == []
     settings.MAX_VIDEO_BYTES = len(data)
     assert upload(owner_client, key, "a.mp4", data)["status"] == 202
+
+
+@pytest.mark.django_db
+def test_a_redelivered_or_exhausted_video_is_not_claimed_and_the_reconciler_fails_it(owner, settings, tmp_path,
+                                                                                       monkeypatch) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from webapp import services, tasks, videos
+
+    monkeypatch.setattr(tasks.index_video, "apply_async", lambda *args, **kwargs: None)
+    collection = services.collection_create(owner=owner, name="Clips", visibility="public")
+    make_clip(tmp_path / "a.mp4", ["rocket"], [2.0])
+    video = videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "a.mp4").read_bytes()).video
+    # A second delivery while a worker holds it: nothing done twice.
+    Video.objects.filter(pk=video.pk).update(status=ImageStatus.PROCESSING, attempts=1)
+    assert videos.video_index(video_id=video.pk) == 0
+    # The worker died on it every time: the reconciler gives up instead of queueing it again.
+    Video.objects.filter(pk=video.pk).update(attempts=settings.EMBED_MAX_ATTEMPTS)
+    Video.objects.filter(pk=video.pk).update(updated_at=timezone.now() - timedelta(hours=2))
+    assert videos.videos_requeue_stale() == 0
+    video.refresh_from_db()
+    assert video.status == ImageStatus.FAILED and "Gave up" in video.error
+    Video.objects.filter(pk=video.pk).update(status=ImageStatus.PENDING)
+    assert videos.video_index(video_id=video.pk) == 0  # out of attempts
+
+
+@pytest.mark.django_db
+def test_a_new_active_version_reindexes_videos_and_dropping_a_version_removes_its_video_vectors(
+    owner, tmp_path, monkeypatch
+) -> None:
+    from webapp import embeddings, services, tasks, videos
+    from webapp.models import VideoEncoder
+
+    collection = services.collection_create(owner=owner, name="Clips", visibility="public")
+    make_clip(tmp_path / "a.mp4", ["rocket", "coffee"], [2.0, 2.0])
+    video = videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "a.mp4").read_bytes()).video
+    videos.video_index(video_id=video.pk)
+    old = FrameEmbedding.objects.filter(video=video).first().model_version
+    assert old.is_active
+    new = embeddings.embedding_model_ensure(key="other@1", backbone="other", dimensions=1280)
+    queued: list[tuple] = []
+    monkeypatch.setattr(tasks.index_video, "apply_async",
+                        lambda args, kwargs=None, queue=None: queued.append((args, kwargs)))
+    embeddings.embedding_model_activate(version=new)
+    assert queued == [([video.pk], {"refresh": True})]
+    assert videos.video_index(video_id=video.pk, refresh=True) > 0  # stays ready meanwhile
+    video.refresh_from_db()
+    assert video.status == ImageStatus.READY
+
+    # The old version still has an encoder and vectors of its own: dropping it removes them.
+    VideoEncoder.objects.create(key="video-gru:x@1", frame_version=old, checkpoint_path="/nonexistent.pt",
+                                dimensions=1280)
+    FrameEmbedding.objects.filter(video=video).update(model_version=old)
+    embeddings.embedding_model_drop(version=old)
+    assert not FrameEmbedding.objects.filter(model_version=old.pk).exists()
+    assert not VideoEncoder.objects.exists()
+
+
+@pytest.mark.django_db
+def test_an_animated_gif_keeps_the_photo_byte_limit(owner_client, settings) -> None:
+    frames = [PILImage.new("RGB", (64, 48), c) for c in [(200, 30, 30), (30, 200, 30)]]
+    animated = io.BytesIO()
+    frames[0].save(animated, "GIF", save_all=True, append_images=frames[1:], duration=500, loop=0)
+    settings.MAX_UPLOAD_BYTES = len(animated.getvalue()) - 1  # the video limit stays at 200 MiB
+    key = create_collection(owner_client, "Mixed")
+    result = upload(owner_client, key, "anim.gif", animated.getvalue())
+    assert (result["status"], result["code"]) == (413, "file_too_large"), result
+    assert not Video.objects.exists() and media_files() == []

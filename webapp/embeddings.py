@@ -162,6 +162,9 @@ def embedding_model_activate(*, version: EmbeddingModel) -> None:
     version.is_active = True
     for collection_id in Collection.objects.values_list("pk", flat=True):
         schedule_augment(collection_id)
+    from webapp import videos
+
+    videos.videos_refresh_for_version(version=version)
 
 
 #: Rows deleted per statement when a version is dropped, so no transaction holds a million locks.
@@ -183,6 +186,9 @@ def embedding_model_drop(*, version: EmbeddingModel) -> int:
         if not ids:
             break
         removed += Embedding.objects.filter(pk__in=ids).delete()[0]
+    from webapp import videos
+
+    videos.videos_drop_version(version=version)
     version.delete()
     logger.info("dropped model version %s (%s vectors)", version.key, removed)
     return removed

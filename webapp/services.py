@@ -61,14 +61,15 @@ def upload_check_size(*, size: int) -> None:
 def upload_read(upload: object, *, size: int) -> bytes:
     """Read an uploaded file after checking its size against the limit for what it starts as.
 
-    Videos (and GIF/WebP, which may be animated) have their own, larger limit; a still image
-    read under it is checked against MAX_UPLOAD_BYTES again by `image_ingest`.
+    Video containers (MP4, MOV, WebM) have their own, larger limit. Animated GIF and WebP keep
+    the photos' limit: the upload's validation decodes every frame of them (a few megabytes of
+    GIF can hold thousands of full frames), so they must stay small.
     """
     from retrieval import video as rv
 
     head = upload.read(64)  # type: ignore[attr-defined]
     upload.seek(0)  # type: ignore[attr-defined]
-    if rv.sniff_format(head) is not None:
+    if rv.sniff_format(head) in videos.VIDEO_CONTAINERS:
         if size > settings.MAX_VIDEO_BYTES:
             raise UploadTooLarge(f"The file is {size:,} bytes; at most {settings.MAX_VIDEO_BYTES:,} bytes "
                                  "are accepted for a video.")

@@ -132,7 +132,8 @@ def search_generation() -> str:
     answers for the new one even where the numbers repeat.
     """
     with connection.cursor() as cursor:
-        cursor.execute("SELECT 'simili_search_generation'::regclass::oid::bigint, last_value "
+        # last_value reads 1 both before and after the first nextval(); is_called tells them apart.
+        cursor.execute("SELECT 'simili_search_generation'::regclass::oid::bigint, last_value + is_called::int "
                        "FROM simili_search_generation")
         identity, value = cursor.fetchone()
         return f"{int(identity)}.{int(value)}"
@@ -504,11 +505,17 @@ def image_results(
     return ImageResults(_similar_images(rows, scope), videos.moments_load(moment_rows, scope))
 
 
+#: Bump when the ranking code changes in a way no setting shows: lists cached by the old code
+#: are then never read by the new.
+CACHE_FORMAT = 2
+
+
 def _similar_cache_key(*, image: Image, scope: Scope, k: int, generation: str, moments: int = 0) -> str:
     # The settings that shape a result list are part of the key: a restart with other values
     # never reads lists computed with the old ones.
-    shape = (settings.SIMILAR_QE, settings.SIMILAR_ALPHA, settings.HNSW_EF_SEARCH,
-             settings.NEAR_DUPLICATE_DISTANCE, settings.EXACT_SEARCH_MAX_ROWS)
+    shape = (CACHE_FORMAT, settings.SIMILAR_QE, settings.SIMILAR_ALPHA, settings.HNSW_EF_SEARCH,
+             settings.NEAR_DUPLICATE_DISTANCE, settings.EXACT_SEARCH_MAX_ROWS, COLLAPSE_MARGIN, NEGATIVE_WEIGHT,
+             UNRECORDED_FACTOR)
     digest = hashlib.blake2b(repr(shape).encode(), digest_size=6).hexdigest()
     return (f"similar:{generation}:{int(scope.version.pk)}:{int(image.pk)}:{k}:{int(moments)}:"
             f"{_collections_digest(scope.collection_ids)}:{digest}")

@@ -69,10 +69,10 @@ class IndexVideoTask(Task):  # type: ignore[misc]
 
 @shared_task(base=IndexVideoTask, name="simili.index_video", autoretry_for=TRANSIENT_ERRORS, retry_backoff=2,
              retry_backoff_max=120, max_retries=6, acks_late=True, ignore_result=True)
-def index_video(video_id: int) -> None:
+def index_video(video_id: int, refresh: bool = False) -> None:
     from webapp import videos
 
-    videos.video_index(video_id=video_id)
+    videos.video_index(video_id=video_id, refresh=refresh)
 
 
 @shared_task(name="simili.media_gc", ignore_result=True)

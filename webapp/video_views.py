@@ -8,7 +8,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_POST, require_safe
 
 from webapp import selectors, storage, videos
 from webapp.models import VideoFrame
@@ -63,9 +63,13 @@ def _ranged_media_response(request: HttpRequest, relative: str, content_type: st
             start, end = int(match[1]), min(int(match[2]) if match[2] else size - 1, size - 1)
         else:
             start, end = max(0, size - int(match[2])), size - 1
-        if start > end or start >= size:
+        if start >= size:
             response = HttpResponse(status=416)
             response["Content-Range"] = f"bytes */{size}"
+            return response
+        if start > end:  # not a valid range: ignored, the whole file answers (RFC 9110, 14.2)
+            response = _media_response(request, relative, content_type)
+            response["Accept-Ranges"] = "bytes"
             return response
 
         def chunks() -> object:
@@ -89,7 +93,7 @@ def _ranged_media_response(request: HttpRequest, relative: str, content_type: st
     return response
 
 
-@require_GET
+@require_safe
 def media_video_original(request: HttpRequest, key: str) -> HttpResponse:
     video = videos.video_for_viewer(key=key, viewer=request.user)
     return _ranged_media_response(request, video.file_path, video.mime_type)

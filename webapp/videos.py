@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -126,14 +127,36 @@ def video_ingest(
     return VideoIngestResult(video, created=True)
 
 
-def _enqueue_index(video_id: int) -> None:
+def _enqueue_index(video_id: int, *, refresh: bool = False) -> None:
     from webapp.services import BULK_QUEUE
     from webapp.tasks import index_video
 
     # On the bulk lane: a five-minute video is seconds of CNN time, which a photo's search by
     # image on the interactive lane must not wait behind.
-    index_video.apply_async(args=[video_id], queue=BULK_QUEUE)
+    index_video.apply_async(args=[video_id], kwargs={"refresh": refresh}, queue=BULK_QUEUE)
     Video.objects.filter(pk=video_id).update(enqueued_at=timezone.now())
+
+
+def videos_refresh_for_version(*, version: EmbeddingModel) -> int:
+    """Queue every ready video without frame vectors of `version` to be indexed again under it.
+
+    Called when a version becomes the active one: photos were re-indexed before the switch,
+    videos are re-sampled from their originals after it (docs/video.md). Returns how many.
+    """
+    stale = list(Video.objects.filter(status=ImageStatus.READY)
+                 .exclude(pk__in=FrameEmbedding.objects.filter(model_version=version).values("video_id"))
+                 .values_list("pk", flat=True))
+    for video_id in stale:
+        _enqueue_index(video_id, refresh=True)
+    return len(stale)
+
+
+def videos_drop_version(*, version: EmbeddingModel) -> None:
+    """Delete a version's frame vectors, video vectors and encoders (before the version itself)."""
+    with transaction.atomic():
+        VideoEmbedding.objects.filter(frame_version=version).delete()
+        VideoEncoder.objects.filter(frame_version=version).delete()
+        FrameEmbedding.objects.filter(model_version=version).delete()
 
 
 def video_mark_failed(*, video_id: int, error: str) -> None:
@@ -174,18 +197,31 @@ def mean_pool(vectors: np.ndarray) -> np.ndarray:
     return mean / norm if norm > 0 else mean
 
 
-def video_index(*, video_id: int) -> int:
+def video_index(*, video_id: int, refresh: bool = False) -> int:
     """Sample, embed and store a video's frames (the worker); return how many frames were stored.
 
     Idempotent: a retry replaces the frames of an earlier attempt. A video that cannot be
-    decoded is marked failed with the reason; one deleted meanwhile is left alone.
+    decoded is marked failed with the reason; one deleted meanwhile is left alone. With
+    `refresh`, a ready video is indexed again under the configured model version and stays
+    ready (and playable, with its old moments) meanwhile.
     """
-    claimed = Video.objects.filter(pk=video_id, status__in=[ImageStatus.PENDING, ImageStatus.PROCESSING]).update(
-        status=ImageStatus.PROCESSING, attempts=F("attempts") + 1, updated_at=timezone.now()
-    )
+    if refresh:
+        if not Video.objects.filter(pk=video_id, status=ImageStatus.READY).exists():
+            return 0
+        return _index(video_id)
+    # Only a pending video is claimed, as for photos: a redelivered message of a video whose
+    # worker died finds it "processing" and leaves it to the reconciler, which counts attempts
+    # (so a video that kills its worker is failed after EMBED_MAX_ATTEMPTS, not retried forever).
+    claimed = Video.objects.filter(
+        pk=video_id, status=ImageStatus.PENDING, attempts__lt=settings.EMBED_MAX_ATTEMPTS
+    ).update(status=ImageStatus.PROCESSING, attempts=F("attempts") + 1, updated_at=timezone.now())
     if not claimed:
-        logger.info("video %s is not pending (gone or done)", video_id)
+        logger.info("video %s is not pending (gone, done, claimed, or out of attempts)", video_id)
         return 0
+    return _index(video_id)
+
+
+def _index(video_id: int) -> int:
     video = Video.objects.get(pk=video_id)
     path = storage.media_path(video.file_path)
     if not path.exists():
@@ -211,6 +247,12 @@ def video_index(*, video_id: int) -> int:
                                                 dimensions=recipe.dimensions)
     poster_path = _store_jpeg("thumbnails", rv.poster(frames).image)
     strip_path = _store_jpeg("strips", rv.keyframe_strip(frames, height=settings.VIDEO_STRIP_HEIGHT))
+    # Two samples may round to one millisecond (a clamped or guessed timestamp): keep the first.
+    first_at: dict[float, int] = {}
+    for index, frame in enumerate(frames):
+        first_at.setdefault(round(frame.timestamp, 3), index)
+    keep = sorted(first_at.values())
+    frames, vectors = [frames[i] for i in keep], vectors[keep]
     frame_paths = [_store_jpeg("frames", frame.image) for frame in frames]
     encoder = encoder_current(version=version)
     encoded = encode_videos(encoder, [vectors])[0] if encoder is not None else None
@@ -295,7 +337,7 @@ def video_for_viewer(*, key: str, viewer: Viewer) -> Video:
     """Return the video, or raise 404 if it does not exist or the viewer may not see it."""
     from django.http import Http404
 
-    video = Video.objects.select_related("collection", "collection__owner").filter(key=key).first()
+    video = Video.objects.select_related("collection", "collection__owner", "uploaded_by").filter(key=key).first()
     if video is None or not can_view_collection(viewer, video.collection):
         raise Http404("No such video.")
     return video
@@ -513,9 +555,10 @@ def encoder_train(
         list(sequences.values()), epochs=epochs, batch_size=batch_size, clip_len=clip_len, seed=seed,
         device=device, source_key=version.key, progress=progress,
     )
-    number = VideoEncoder.objects.count() + 1
-    key = f"video-gru:{collection.key}@{number}-{model.identifier}"[:200]
-    path = Path(settings.VAR_DIR) / "video-encoders" / f"{collection.key}-{number}.pt"
+    # Named by the weights and a random suffix: never the name of an encoder that exists or existed.
+    suffix = f"{model.identifier}-{secrets.token_hex(4)}"
+    key = f"video-gru:{collection.key}@{suffix}"[:200]
+    path = Path(settings.VAR_DIR) / "video-encoders" / f"{collection.key}-{suffix}.pt"
     video_encoder.save(model, path, metadata={"collection": collection.key, "frame_version": version.key})
     encoder = VideoEncoder.objects.create(
         key=key, frame_version=version, trained_on=collection, checkpoint_path=str(path),

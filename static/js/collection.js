@@ -98,7 +98,7 @@
 
   function sendOne(file, ui, token) {
     return new Promise(function (resolve) {
-      var video = /^video\//.test(file.type) || file.type === "image/gif" || file.type === "image/webp";
+      var video = /^video\//.test(file.type);
       var maxBytes = parseInt(video ? form.dataset.maxVideoBytes : form.dataset.maxBytes, 10);
       if (maxBytes && file.size > maxBytes) {
         show(ui, "rejected", "Rejected: larger than " + Math.round(maxBytes / 1048576) + " MB");

@@ -305,7 +305,7 @@ def test_the_api_uploads_a_video_and_answers_moments_frames_and_similar_videos(o
 
 @pytest.mark.django_db
 def test_deleting_removes_files_and_the_reconciler_requeues_a_video_whose_worker_died(
-    owner, owner_client, admin_client_, tmp_path, monkeypatch
+    owner, owner_client, admin_client_, tmp_path, monkeypatch, django_capture_on_commit_callbacks
 ) -> None:
     from datetime import timedelta
 
@@ -332,7 +332,8 @@ def test_deleting_removes_files_and_the_reconciler_requeues_a_video_whose_worker
     video.refresh_from_db()
     files = {video.file_path, video.poster_path, video.strip_path}
     assert files <= {str(p).split("media/", 1)[1] for p in media_files()}
-    response = owner_client.post(reverse("video_delete", args=[video.key]))
+    with django_capture_on_commit_callbacks(execute=True):
+        response = owner_client.post(reverse("video_delete", args=[video.key]))
     assert response.status_code == 302
     assert not Video.objects.exists() and not VideoFrame.objects.exists() and not FrameEmbedding.objects.exists()
     assert media_files() == []

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import logging
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -299,18 +300,26 @@ def _display_name(name: str) -> str:
 
 
 def delete_unreferenced(relative: str) -> None:
-    """Delete a stored file (and a thumbnail's small copy) unless an image row still uses it."""
-    if not relative:
+    """Delete a stored file (and a thumbnail's small copy) unless an image or video row still uses it."""
+    delete_unreferenced_many([relative])
+
+
+def delete_unreferenced_many(paths: Sequence[str]) -> None:
+    """Delete the stored files no image or video row still uses: three queries for any number."""
+    from django.db.models import Q
+
+    wanted = sorted({relative for relative in paths if relative})
+    if not wanted:
         return
-    if Image.objects.filter(file_path=relative).exists():
-        return
-    if Image.objects.filter(thumbnail_path=relative).exists():
-        return
-    if videos.paths_referenced([relative]):
-        return
-    storage.delete(relative)
-    if relative.startswith("thumbnails/"):
-        storage.delete("thumbnails-small/" + relative.split("/", 1)[1])
+    rows = Image.objects.filter(Q(file_path__in=wanted) | Q(thumbnail_path__in=wanted))
+    used = {path for pair in rows.values_list("file_path", "thumbnail_path") for path in pair}
+    used |= videos.paths_referenced(wanted)
+    for relative in wanted:
+        if relative in used:
+            continue
+        storage.delete(relative)
+        if relative.startswith("thumbnails/"):
+            storage.delete("thumbnails-small/" + relative.split("/", 1)[1])
 
 
 def image_delete(*, image: Image) -> None:

@@ -309,14 +309,16 @@ def videos_requeue_stale() -> int:
 
 
 def video_delete(*, video: Video) -> None:
-    """Delete a video with its frames and vectors, and its files unless another row shares them."""
-    from webapp.services import delete_unreferenced
+    """Delete a video with its frames and vectors, and its files unless another row shares them.
+
+    The files go once the deletion commits: a rolled-back deletion keeps rows and files together.
+    """
+    from webapp.services import delete_unreferenced_many
 
     paths = [video.file_path, video.poster_path, video.strip_path,
              *video.frames.values_list("thumbnail_path", flat=True)]
     video.delete()
-    for relative in paths:
-        delete_unreferenced(relative)
+    transaction.on_commit(lambda: delete_unreferenced_many(paths))
 
 
 def paths_referenced(paths: Sequence[str]) -> set[str]:

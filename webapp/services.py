@@ -266,8 +266,7 @@ def image_ingest(
         return IngestResult(existing, created=False)
 
     relative = storage.content_path("originals", sha256, info.extension)
-    if not storage.media_path(relative).exists():
-        storage.write_atomic(relative, data)
+    storage.write_or_keep(relative, data)
     user = uploaded_by if uploaded_by is not None and uploaded_by.is_authenticated else None
     try:
         with transaction.atomic():

@@ -45,3 +45,16 @@ def delete(relative: str) -> None:
     """Delete a stored file if it exists."""
     if relative:
         media_path(relative).unlink(missing_ok=True)
+
+
+def write_or_keep(relative: str, data: bytes) -> None:
+    """Store content-addressed `data` unless the same file is there; then mark it as just used.
+
+    The media sweeper deletes unreferenced files older than an hour; touching a reused file keeps
+    it from being swept between this call and the commit of the row that will reference it.
+    """
+    path = media_path(relative)
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        write_atomic(relative, data)

@@ -107,8 +107,7 @@ def video_ingest(
     if existing is not None:
         return VideoIngestResult(existing, created=False)
     relative = storage.content_path("videos", sha256, info.extension)
-    if not storage.media_path(relative).exists():
-        storage.write_atomic(relative, data)
+    storage.write_or_keep(relative, data)
     user = uploaded_by if uploaded_by is not None and uploaded_by.is_authenticated else None
     try:
         with transaction.atomic():
@@ -173,8 +172,7 @@ def _jpeg(picture: PILImage.Image, quality: int = 85) -> bytes:
 def _store_jpeg(kind: str, picture: PILImage.Image) -> str:
     data = _jpeg(picture)
     relative = storage.content_path(kind, hashlib.sha256(data).hexdigest(), "jpg")
-    if not storage.media_path(relative).exists():
-        storage.write_atomic(relative, data)
+    storage.write_or_keep(relative, data)
     return relative
 
 

@@ -491,3 +491,24 @@ def test_an_animated_gif_keeps_the_photo_byte_limit(owner_client, settings) -> N
     result = upload(owner_client, key, "anim.gif", animated.getvalue())
     assert (result["status"], result["code"]) == (413, "file_too_large"), result
     assert not Video.objects.exists() and media_files() == []
+
+
+@pytest.mark.django_db
+def test_a_long_video_has_longer_before_the_reconciler_calls_its_worker_dead(owner, settings, tmp_path,
+                                                                              monkeypatch) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from webapp import services, tasks, videos
+
+    monkeypatch.setattr(tasks.index_video, "apply_async", lambda *args, **kwargs: None)
+    collection = services.collection_create(owner=owner, name="Clips", visibility="public")
+    make_clip(tmp_path / "a.mp4", ["rocket"], [2.0])
+    video = videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "a.mp4").read_bytes()).video
+    Video.objects.filter(pk=video.pk).update(status=ImageStatus.PROCESSING, attempts=1, duration=120.0)
+    allowance = settings.RECONCILE_PROCESSING_AFTER + 120 * videos.PROCESSING_SECONDS_PER_SECOND
+    Video.objects.filter(pk=video.pk).update(updated_at=timezone.now() - timedelta(seconds=allowance - 60))
+    assert videos.videos_requeue_stale() == 0  # still within what two minutes of video may take
+    Video.objects.filter(pk=video.pk).update(updated_at=timezone.now() - timedelta(seconds=allowance + 60))
+    assert videos.videos_requeue_stale() == 1

@@ -26,7 +26,7 @@ import numpy as np
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Q
+from django.db.models import DurationField, ExpressionWrapper, F, Q
 from django.utils import timezone
 from PIL import Image as PILImage
 
@@ -281,14 +281,26 @@ def _index(video_id: int) -> int:
     return len(rows)
 
 
+#: Seconds of worker time a second of video may take before the reconciler calls it abandoned:
+#: sampling decodes every frame for scene changes (a 60 fps 4K HEVC second is 60 full decodes,
+#: a few seconds on 2 cores), then one frame a second is embedded.
+PROCESSING_SECONDS_PER_SECOND = 10
+
+
 def videos_requeue_stale() -> int:
-    """Queue again videos never handed to the broker or whose worker died; give up after attempts."""
+    """Queue again videos never handed to the broker or whose worker died; give up after attempts.
+
+    A video counts as abandoned after RECONCILE_PROCESSING_AFTER plus PROCESSING_SECONDS_PER_SECOND
+    per second of video: a five-minute 4K video legitimately takes longer than a photo.
+    """
     now = timezone.now()
+    allowance = ExpressionWrapper(F("duration") * timedelta(seconds=PROCESSING_SECONDS_PER_SECOND),
+                                  output_field=DurationField())
     stale = Video.objects.filter(
         Q(status=ImageStatus.PENDING, enqueued_at__isnull=True)
         | Q(status=ImageStatus.PENDING, enqueued_at__lt=now - timedelta(seconds=settings.RECONCILE_PENDING_AFTER))
         | Q(status=ImageStatus.PROCESSING,
-            updated_at__lt=now - timedelta(seconds=settings.RECONCILE_PROCESSING_AFTER))
+            updated_at__lt=now - timedelta(seconds=settings.RECONCILE_PROCESSING_AFTER) - allowance)
     )
     for video_id in stale.filter(attempts__gte=settings.EMBED_MAX_ATTEMPTS).values_list("pk", flat=True):
         video_mark_failed(video_id=video_id, error=f"Gave up after {settings.EMBED_MAX_ATTEMPTS} attempts: the "

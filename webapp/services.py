@@ -214,7 +214,6 @@ def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
     import time
     from pathlib import Path
 
-    from django.db.models import Q
 
     root = Path(settings.MEDIA_ROOT)
     cutoff = time.time() - older_than_seconds
@@ -230,10 +229,7 @@ def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
     removed = 0
     for start in range(0, len(candidates), GC_BATCH):
         batch = candidates[start:start + GC_BATCH]
-        keys = [key for _, key in batch if key]
-        rows = Image.objects.filter(Q(file_path__in=keys) | Q(thumbnail_path__in=keys))
-        referenced = {path for pair in rows.values_list("file_path", "thumbnail_path") for path in pair}
-        referenced |= videos.paths_referenced(keys)
+        referenced = paths_in_use([key for _, key in batch if key])
         for path, key in batch:
             if key and key in referenced:
                 continue
@@ -303,16 +299,22 @@ def delete_unreferenced(relative: str) -> None:
     delete_unreferenced_many([relative])
 
 
-def delete_unreferenced_many(paths: Sequence[str]) -> None:
-    """Delete the stored files no image or video row still uses: three queries for any number."""
+def paths_in_use(paths: Sequence[str]) -> set[str]:
+    """Return which of these stored paths an image or a video (poster, strip, frame) still uses."""
     from django.db.models import Q
 
-    wanted = sorted({relative for relative in paths if relative})
+    wanted = [relative for relative in paths if relative]
     if not wanted:
-        return
+        return set()
     rows = Image.objects.filter(Q(file_path__in=wanted) | Q(thumbnail_path__in=wanted))
     used = {path for pair in rows.values_list("file_path", "thumbnail_path") for path in pair}
-    used |= videos.paths_referenced(wanted)
+    return (used | videos.paths_referenced(wanted)) & set(wanted)
+
+
+def delete_unreferenced_many(paths: Sequence[str]) -> None:
+    """Delete the stored files no image or video row still uses: three queries for any number."""
+    wanted = sorted({relative for relative in paths if relative})
+    used = paths_in_use(wanted)
     for relative in wanted:
         if relative in used:
             continue

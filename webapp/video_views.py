@@ -12,7 +12,7 @@ from django.views.decorators.http import require_GET, require_POST, require_safe
 
 from webapp import selectors, storage, videos
 from webapp.models import VideoFrame
-from webapp.views import _media_response
+from webapp.views import _media_response, private_media_headers
 
 
 @require_GET
@@ -83,12 +83,9 @@ def _ranged_media_response(request: HttpRequest, relative: str, content_type: st
                     left -= len(block)
                     yield block
 
-        response = StreamingHttpResponse(chunks(), status=206, content_type=content_type)
+        response = private_media_headers(StreamingHttpResponse(chunks(), status=206, content_type=content_type))
         response["Content-Range"] = f"bytes {start}-{end}/{size}"
         response["Content-Length"] = str(end - start + 1)
-        response["X-Content-Type-Options"] = "nosniff"
-        response["Cache-Control"] = "private, max-age=300"
-        response["Content-Security-Policy"] = "default-src 'none'; sandbox"
     response["Accept-Ranges"] = "bytes"
     return response
 

@@ -117,7 +117,7 @@ def video_ingest(
                 codec=info.codec[:50], width=info.width, height=info.height, duration=info.duration,
                 byte_size=len(data),
             )
-            transaction.on_commit(lambda: _enqueue_index(video.pk), robust=True)
+            transaction.on_commit(lambda: _enqueue_index([video.pk]), robust=True)
     except IntegrityError:
         return VideoIngestResult(Video.objects.get(collection=collection, sha256=sha256), created=False)
     except BaseException:
@@ -126,14 +126,26 @@ def video_ingest(
     return VideoIngestResult(video, created=True)
 
 
-def _enqueue_index(video_id: int, *, refresh: bool = False) -> None:
+def _enqueue_index(video_ids: Sequence[int], *, refresh: bool = False) -> int:
+    """Queue index tasks in order until the broker refuses one; stamp the queued in one UPDATE.
+
+    Returns how many were queued; the broker's error is logged, not raised (the reconciler
+    queues the rest on a later round).
+    """
     from webapp.services import BULK_QUEUE
     from webapp.tasks import index_video
 
-    # On the bulk lane: a five-minute video is seconds of CNN time, which a photo's search by
-    # image on the interactive lane must not wait behind.
-    index_video.apply_async(args=[video_id], kwargs={"refresh": refresh}, queue=BULK_QUEUE)
-    Video.objects.filter(pk=video_id).update(enqueued_at=timezone.now())
+    queued: list[int] = []
+    try:
+        for video_id in video_ids:
+            # On the bulk lane: a five-minute video is seconds of CNN time, which a photo's
+            # search by image on the interactive lane must not wait behind.
+            index_video.apply_async(args=[video_id], kwargs={"refresh": refresh}, queue=BULK_QUEUE)
+            queued.append(video_id)
+    except Exception as exc:  # noqa: BLE001 - the broker is down
+        logger.warning("could not queue video %s: %s", video_ids[len(queued)], exc)
+    Video.objects.filter(pk__in=queued).update(enqueued_at=timezone.now())
+    return len(queued)
 
 
 def videos_refresh_for_version(*, version: EmbeddingModel) -> int:
@@ -145,8 +157,7 @@ def videos_refresh_for_version(*, version: EmbeddingModel) -> int:
     stale = list(Video.objects.filter(status=ImageStatus.READY)
                  .exclude(pk__in=FrameEmbedding.objects.filter(model_version=version).values("video_id"))
                  .values_list("pk", flat=True))
-    for video_id in stale:
-        _enqueue_index(video_id, refresh=True)
+    _enqueue_index(stale, refresh=True)
     return len(stale)
 
 
@@ -307,15 +318,7 @@ def videos_requeue_stale() -> int:
                           "worker died each time (the video may be too large for its memory).")
     retry = list(stale.filter(attempts__lt=settings.EMBED_MAX_ATTEMPTS).values_list("pk", flat=True)[:1000])
     Video.objects.filter(pk__in=retry).update(status=ImageStatus.PENDING)
-    queued = 0
-    for video_id in retry:
-        try:
-            _enqueue_index(video_id)
-            queued += 1
-        except Exception as exc:  # noqa: BLE001 - the broker is still down; next round
-            logger.warning("reconciler could not queue video %s: %s", video_id, exc)
-            break
-    return queued
+    return _enqueue_index(retry)
 
 
 def video_delete(*, video: Video) -> None:

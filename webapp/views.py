@@ -365,7 +365,11 @@ def _media_response(request: HttpRequest, relative: str, content_type: str) -> F
         handle = storage.media_path(relative).open("rb")
     except (FileNotFoundError, ValueError):
         raise Http404("No such file.") from None
-    response = FileResponse(handle, content_type=content_type)
+    return private_media_headers(FileResponse(handle, content_type=content_type))
+
+
+def private_media_headers(response: HttpResponse) -> HttpResponse:
+    """Headers of every stored file served: never sniffed, never run, not kept by shared caches."""
     response["X-Content-Type-Options"] = "nosniff"
     # Private media must not sit in shared caches; browsers may keep it briefly.
     response["Cache-Control"] = "private, max-age=300"

@@ -7,15 +7,21 @@ class RetrievalError(Exception):
     """Base class for every error the retrieval package raises on purpose."""
 
 
-class ImageRejected(RetrievalError):
-    """The bytes given are not an image we accept; `code` names the reason."""
+class UploadRejected(RetrievalError):
+    """The bytes given are not a file we accept; `code` names the reason for the web app."""
 
-    code = "invalid_image"
+    code = "invalid_upload"
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
+
+
+class ImageRejected(UploadRejected):
+    """The bytes given are not an image we accept; `code` names the reason."""
+
+    code = "invalid_image"
 
 
 class UnsupportedFormat(ImageRejected):

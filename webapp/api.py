@@ -19,8 +19,7 @@ from ninja.pagination import PageNumberPagination, paginate
 from ninja.responses import Status
 from ninja.security import HttpBearer
 
-from retrieval import video as rv
-from retrieval.errors import ImageRejected
+from retrieval.errors import ImageRejected, UploadRejected
 from webapp import ratelimit, selectors, services, similarity, videos
 from webapp.models import Collection, Image, Video, Visibility
 
@@ -418,7 +417,7 @@ def images_upload(request: HttpRequest, key: str, files: File[list[UploadedFile]
                 statuses.append(202)
                 continue
             outcome = services.image_ingest(collection=collection, uploaded_by=request.user, data=data, name=name)
-        except (ImageRejected, rv.VideoRejected) as exc:
+        except UploadRejected as exc:
             results.append({"name": name, "outcome": "rejected", "code": exc.code, "message": str(exc)})
             statuses.append(services.rejection_status(exc))
             continue

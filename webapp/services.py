@@ -16,7 +16,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from retrieval import imaging
-from retrieval.errors import ImageRejected, RetrievalError
+from retrieval.errors import ImageRejected, UploadRejected
 from retrieval.reranking import expand_queries, expand_query
 from webapp import pipeline, storage, videos
 from webapp.models import ApiToken, Collection, Embedding, EmbeddingModel, Image, ImageStatus
@@ -48,9 +48,9 @@ REJECTION_STATUS = {
 }
 
 
-def rejection_status(exc: ImageRejected | RetrievalError) -> int:
-    """Return the HTTP status that answers a rejected upload."""
-    return REJECTION_STATUS.get(str(getattr(exc, "code", "")), 400)
+def rejection_status(exc: UploadRejected) -> int:
+    """Return the HTTP status that answers a rejected upload (an image or a video)."""
+    return REJECTION_STATUS.get(exc.code, 400)
 
 
 def upload_check_size(*, size: int) -> None:

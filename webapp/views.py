@@ -16,8 +16,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from retrieval import video as rv
-from retrieval.errors import ImageRejected
+from retrieval.errors import ImageRejected, UploadRejected
 from webapp import duplicates, ratelimit, selectors, services, sharing, similarity, storage, videos
 from webapp.forms import CollectionForm, CollectionSettingsForm, EditorAddForm, SearchForm, SignupForm
 from webapp.models import Collection, Image, ImageStatus, Video
@@ -263,7 +262,7 @@ def _ingest_one(request: HttpRequest, collection: Collection, upload: object) ->
         result = services.image_ingest(
             collection=collection, uploaded_by=request.user, data=data, name=name
         )
-    except (ImageRejected, rv.VideoRejected) as exc:
+    except UploadRejected as exc:
         return {
             "name": name,
             "outcome": "rejected",

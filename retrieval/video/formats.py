@@ -9,7 +9,7 @@ from typing import IO, Any
 import av
 from PIL import Image
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import UploadRejected
 
 #: A file path, or a binary file object opened for reading and seekable (an upload's temp file).
 VideoSource = str | os.PathLike[str] | IO[bytes]
@@ -43,15 +43,10 @@ FORMATS: dict[str, FormatSpec] = {
 }
 
 
-class VideoRejected(RetrievalError):
+class VideoRejected(UploadRejected):
     """The file is not a video we accept; `code` names the reason (see the module docstring)."""
 
     code = "invalid_video"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
 
 
 class UnsupportedVideo(VideoRejected):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -215,6 +218,34 @@ def admin_client_(admin_user) -> Client:
 @pytest.fixture
 def anonymous_client() -> Client:
     return Client()
+
+
+# --- what a page shows ------------------------------------------------------------------
+
+
+class Shown(NamedTuple):
+    key: str
+    name: str
+    similarity: float
+
+
+def shown_similar(response) -> list[Shown]:
+    """Each image in a page's "Similar images" grid, in order, as sent: key, name, similarity."""
+    body = response.content.decode()
+    start = body.find('id="similar"')
+    if start < 0:
+        return []
+    grid = body[start:body.index("</ol>", start)]
+    tiles = re.findall(r'<li class="tile">\s*<a href="/i/([^/"]+)/"><img [^>]*alt="([^"]*)".*?'
+                       r'data-similarity="([^"]+)"', grid, flags=re.S)
+    return [Shown(key, html.unescape(alt), float(similarity)) for key, alt, similarity in tiles]
+
+
+def shown_moments(response) -> list[tuple[str, float]]:
+    """The (video key, start second) of each moment in a page's "In videos" list, in order."""
+    return [(key, float(second)) for key, second in
+            re.findall(r'<a class="moment" href="/v/([^/"]+)/\?t=[^"]*" data-timestamp="([^"]+)"',
+                       response.content.decode())]
 
 
 # --- real photos ----------------------------------------------------------------------

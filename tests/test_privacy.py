@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
+from tests.conftest import shown_similar
 from tests.factories import CollectionFactory, ImageFactory, default_version, embed, near, unit_vector
 from webapp import storage
 from webapp.models import Visibility
@@ -37,7 +38,7 @@ def world(owner):
 def _similar_keys(client, image) -> set[str]:
     response = client.get(reverse("image", args=[image.key]))
     assert response.status_code == 200
-    return {result.image.key for result in response.context["similar"]}
+    return {shown.key for shown in shown_similar(response)}
 
 
 @pytest.mark.parametrize("persona", ["anonymous_client", "outsider_client"])

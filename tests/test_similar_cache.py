@@ -7,10 +7,11 @@ from django.core.cache import cache
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
+from tests.conftest import shown_similar
 from tests.factories import CollectionFactory, ImageFactory, default_version, embed, near, unit_vector
 from webapp import services
 from webapp import similarity as sim
-from webapp.models import NearDuplicate, Visibility
+from webapp.models import Image, ImageStatus, NearDuplicate, Visibility
 
 pytestmark = pytest.mark.django_db
 
@@ -110,6 +111,69 @@ def test_a_stale_cached_list_never_shows_an_image_the_viewer_may_not_see(anonymo
     cache.set(key, {"rows": [(secret.pk, 0.01), (others[0].pk, 0.2)], "moments": []})
     results = sim.image_similar(image=me, viewer=anonymous_user_viewer, k=5)
     assert [r.image.pk for r in results] == [others[0].pk]
+
+
+def page_similar(client, image) -> list[tuple[str, str]]:
+    response = client.get(f"/i/{image.key}/")
+    assert response.status_code == 200
+    return [(tile.key, tile.name) for tile in shown_similar(response)]
+
+
+def test_a_repeat_page_view_reuses_the_rendered_section(anonymous_client, library, searches) -> None:
+    _, _, me, others, _ = library
+    with CaptureQueriesContext(connection) as first:
+        shown = page_similar(anonymous_client, me)
+    made = len(searches)
+    with CaptureQueriesContext(connection) as second:
+        again = page_similar(anonymous_client, me)
+    assert sorted(key for key, _ in shown) == sorted(o.key for o in others)
+    assert again == shown and len(searches) == made
+    # The rows' images are neither loaded nor rendered again: one query checks what they show.
+    loads = [q["sql"] for q in second.captured_queries if 'FROM "simili_image"' in q["sql"] and "IN (" in q["sql"]]
+    assert loads == [] and len(second.captured_queries) < len(first.captured_queries)
+
+
+def test_a_renamed_result_shows_its_new_name_on_a_cached_page(anonymous_client, library) -> None:
+    _, _, me, others, _ = library
+    assert (others[0].key, others[0].original_name) in page_similar(anonymous_client, me)
+    Image.objects.filter(pk=others[0].pk).update(original_name="renamed <b>.jpg")  # no embedding written
+    assert (others[0].key, "renamed <b>.jpg") in page_similar(anonymous_client, me)
+
+
+@pytest.mark.parametrize("change", ["failed", "private", "deleted"])
+def test_a_result_that_may_no_longer_show_leaves_a_cached_page(anonymous_client, owner, library, change) -> None:
+    """Changes that write no embedding (so the generation stays) still reach the cached HTML."""
+    version, _, me, _, base = library
+    elsewhere = CollectionFactory(owner=owner, visibility=Visibility.PUBLIC)
+    result = ImageFactory(collection=elsewhere)
+    embed(result, near(base, 78, spread=0.2), version)
+    assert result.key in {key for key, _ in page_similar(anonymous_client, me)}
+    generation = sim.search_generation()
+    if change == "failed":
+        Image.objects.filter(pk=result.pk).update(status=ImageStatus.FAILED)
+    elif change == "private":
+        elsewhere.visibility = Visibility.PRIVATE
+        elsewhere.save(update_fields=["visibility"])
+    else:
+        Image.objects.filter(pk=result.pk).delete()
+    assert change == "deleted" or sim.search_generation() == generation
+    assert result.key not in {key for key, _ in page_similar(anonymous_client, me)}
+
+
+def test_a_cached_section_is_used_only_for_what_it_was_rendered_from(settings, anonymous_client,
+                                                                      anonymous_user_viewer, library) -> None:
+    """A section whose recorded rows no longer match what the viewer may see is rendered anew."""
+    version, _, me, others, _ = library
+    page_similar(anonymous_client, me)
+    scope = sim.search_scope(version=version, viewer=anonymous_user_viewer, exclude_image_ids=[me.pk])
+    key = sim._similar_cache_key(image=me, scope=scope, k=settings.SIMILAR_K, generation=sim.search_generation(),
+                                 moments=settings.VIDEO_MOMENTS_K) + ":section"
+    entry = cache.get(key)
+    assert entry and entry["html"].count('class="tile"') == len(others)
+    cache.set(key, {**entry, "html": "<p>stale secret</p>", "shown": [["i", 0, "x", "y"]]})
+    response = anonymous_client.get(f"/i/{me.key}/")
+    assert "stale secret" not in response.content.decode()
+    assert sorted(tile.key for tile in shown_similar(response)) == sorted(o.key for o in others)
 
 
 @pytest.fixture

@@ -124,7 +124,7 @@ def collection_for_viewer(*, key: str, viewer: Viewer) -> Collection:
 
 def image_for_viewer(*, key: str, viewer: Viewer) -> Image:
     """Return the image, or raise 404 if it does not exist or the viewer may not see it."""
-    image = Image.objects.select_related("collection", "collection__owner", "uploaded_by").filter(key=key).first()
+    image = Image.objects.select_related("collection", "uploaded_by").filter(key=key).first()
     if image is None or not can_view_collection(viewer, image.collection):
         raise Http404("No such image.")
     return image
@@ -191,14 +191,14 @@ def image_tags(*, image: Image) -> list[ImageTag]:
 
 def image_neighbours(*, image: Image) -> tuple[Image | None, Image | None]:
     """Return the previous (newer) and next (older) image of its collection, in page order."""
-    siblings = Image.objects.filter(collection_id=image.collection_id).only("key", "original_name")
-    newer = siblings.filter(
-        Q(created_at__gt=image.created_at) | Q(created_at=image.created_at, id__gt=image.pk)
-    ).order_by("created_at", "id").first()
-    older = siblings.filter(
-        Q(created_at__lt=image.created_at) | Q(created_at=image.created_at, id__lt=image.pk)
-    ).order_by("-created_at", "-id").first()
-    return newer, older
+    # One statement for both: a page view pays one round trip, not two compiled ORM queries.
+    side = ("(SELECT %s AS side, id, key, original_name FROM simili_image WHERE collection_id = %s "
+            "AND (created_at, id) {} (%s, %s) ORDER BY created_at {}, id {} LIMIT 1)")
+    sql = f"{side.format('>', 'ASC', 'ASC')} UNION ALL {side.format('<', 'DESC', 'DESC')}"
+    found = {row.side: row for row in Image.objects.raw(
+        sql, ["newer", image.collection_id, image.created_at, image.pk,
+              "older", image.collection_id, image.created_at, image.pk])}
+    return found.get("newer"), found.get("older")
 
 
 def tag_images(*, label: str, viewer: Viewer) -> QuerySet[Image]:

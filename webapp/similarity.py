@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -47,6 +47,10 @@ KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,24}")
 NEGATIVE_WEIGHT = 0.5
 
 Plan = Literal["hnsw", "exact"]
+
+#: A stored image's cached lists: (image id, distance) and (video id, frame id, distance).
+Rows = list[tuple[int, float]]
+MomentRows = list[tuple[int, int, float]]
 
 
 @dataclass(frozen=True)
@@ -482,27 +486,108 @@ def image_results(
     than the data it was computed from, and its images and videos are re-checked against the
     viewer's collections when they are loaded.
     """
-    from webapp import videos
+    prepared = _image_query(image=image, viewer=viewer, k=k, collection_ids=collection_ids, version=version,
+                            moments=moments)
+    if prepared is None:
+        return ImageResults([], [])
+    return _image_results(image, prepared)
 
+
+def image_section(*, image: Image, viewer: Viewer, moments: int, render: Callable[[ImageResults], str]) -> str:
+    """Return what `render` makes of `image_results` for the image's page, cached with the lists.
+
+    A cached section is used only if the images and videos it shows are, right now, exactly
+    those the viewer may see among its rows, with the same keys and names: one query, instead
+    of loading the rows' objects and rendering them again. Anything else (a result made
+    private, not ready, renamed, a frame re-indexed) renders the section anew. `render` must
+    depend on nothing but the lists and the image's key (no per-request token).
+    """
+    prepared = _image_query(image=image, viewer=viewer, k=None, collection_ids=None, version=None, moments=moments)
+    if prepared is None:
+        return render(ImageResults([], []))
+    key = f"{prepared.key}:section"
+    entry = _cache_read(key)
+    if isinstance(entry, dict) and isinstance(entry.get("html"), str):
+        if _shown_now(entry.get("rows", []), entry.get("moments", []), prepared.scope) == entry.get("shown"):
+            return entry["html"]
+    found = _image_results(image, prepared)
+    rows = [image_id for image_id, _ in prepared.rows]
+    moment_rows = [(video_id, frame_id) for video_id, frame_id, _ in prepared.moment_rows]
+    # What is visible is read before the objects are loaded and rendered: a change in between
+    # makes the stored state older than the HTML, so the next visit renders again.
+    shown = _shown_now(rows, moment_rows, prepared.scope)
+    html = render(found)
+    _cache_write(key, {"html": str(html), "rows": rows, "moments": moment_rows, "shown": shown})
+    return html
+
+
+@dataclass
+class _ImageQuery:
+    """A stored image's search, resolved: its scope and cache key; its rows once read."""
+
+    scope: Scope
+    key: str
+    k: int
+    moments: int
+    generation: str
+    rows: Rows = field(default_factory=list)
+    moment_rows: MomentRows = field(default_factory=list)
+
+
+def _image_query(*, image: Image, viewer: Viewer, k: int | None, collection_ids: Sequence[int] | None,
+                 version: EmbeddingModel | None, moments: int) -> _ImageQuery | None:
     version = version or active_model_version()
     if version is None or not image.is_ready:
-        return ImageResults([], [])
+        return None
     k = k or settings.SIMILAR_K
     scope = search_scope(version=version, viewer=viewer, collection_ids=collection_ids,
                          exclude_image_ids=[image.pk])
     generation = search_generation()
     key = _similar_cache_key(image=image, scope=scope, k=k, generation=generation, moments=moments)
-    cached = _cache_get(key)
+    return _ImageQuery(scope=scope, key=key, k=k, moments=moments, generation=generation)
+
+
+def _image_results(image: Image, prepared: _ImageQuery) -> ImageResults:
+    """Read the rows (cached, or searched and cached) into `prepared`; load what the scope allows."""
+    from webapp import videos
+
+    cached = _cache_get(prepared.key)
     if cached is None:
-        query = examples_query(positives=[image], version=version)
+        query = examples_query(positives=[image], version=prepared.scope.version)
         if query is None:
             return ImageResults([], [])
-        rows = _search_rows(query=query, scope=scope, k=k, expand=None, generation=generation)
-        moment_rows = videos.moment_rows_for_image(image_id=image.pk, version=version, scope=scope, k=moments)
-        _cache_set(key, rows, moment_rows)
+        prepared.rows = _search_rows(query=query, scope=prepared.scope, k=prepared.k, expand=None,
+                                     generation=prepared.generation)
+        prepared.moment_rows = videos.moment_rows_for_image(image_id=image.pk, version=prepared.scope.version,
+                                                            scope=prepared.scope, k=prepared.moments)
+        _cache_set(prepared.key, prepared.rows, prepared.moment_rows)
     else:
-        rows, moment_rows = cached
-    return ImageResults(_similar_images(rows, scope), videos.moments_load(moment_rows, scope))
+        prepared.rows, prepared.moment_rows = cached
+    return ImageResults(_similar_images(prepared.rows, prepared.scope),
+                        videos.moments_load(prepared.moment_rows, prepared.scope))
+
+
+def _shown_now(image_ids: Sequence[int], moments: Sequence[Sequence[int]], scope: Scope) -> list[list[object]]:
+    """Of these rows, what the scope lets show now and what a page renders of it, in one query.
+
+    The same conditions as `_similar_images` and `videos.moments_load`: ready, in an allowed
+    collection, not excluded; frames that still exist.
+    """
+    allowed = "" if scope.collection_ids is None else " AND collection_id = ANY(%(collections)s)"
+    sql = (
+        "SELECT 'i', id, key, original_name FROM simili_image WHERE id = ANY(%(images)s) AND status = 'ready' "
+        f"AND id <> ALL(%(exclude)s){allowed} "
+        "UNION ALL SELECT 'v', id, key, original_name FROM simili_video WHERE id = ANY(%(videos)s) "
+        f"AND status = 'ready'{allowed} "
+        "UNION ALL SELECT 'f', id, '', '' FROM simili_videoframe WHERE id = ANY(%(frames)s) "
+        "ORDER BY 1, 2"
+    )
+    params = {"images": [int(i) for i in image_ids], "exclude": [int(i) for i in scope.exclude_image_ids],
+              "videos": [int(v) for v, _ in moments], "frames": [int(f) for _, f in moments],
+              "collections": scope.collection_ids}
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return [list(row) for row in cursor.fetchall()]
 
 
 #: Bump when the ranking code changes in a way no setting shows: lists cached by the old code
@@ -521,19 +606,29 @@ def _similar_cache_key(*, image: Image, scope: Scope, k: int, generation: str, m
             f"{_collections_digest(scope.collection_ids)}:{digest}")
 
 
-Rows = list[tuple[int, float]]
-MomentRows = list[tuple[int, int, float]]
 
-
-def _cache_get(key: str) -> tuple[Rows, MomentRows] | None:
-    """Return a cached entry, or None: the cache is an optimisation, never a failure."""
+def _cache_read(key: str) -> object:
+    """Return a cached value, or None: the cache is an optimisation, never a failure."""
     if settings.SIMILAR_CACHE_SECONDS <= 0:
         return None
     try:
-        value = cache.get(key)
+        return cache.get(key)
     except Exception:  # noqa: BLE001 — Redis down: compute instead
         logger.warning("similar-image cache unavailable", exc_info=True)
         return None
+
+
+def _cache_write(key: str, value: object) -> None:
+    if settings.SIMILAR_CACHE_SECONDS <= 0:
+        return
+    try:
+        cache.set(key, value, settings.SIMILAR_CACHE_SECONDS)
+    except Exception:  # noqa: BLE001
+        logger.warning("similar-image cache unavailable", exc_info=True)
+
+
+def _cache_get(key: str) -> tuple[Rows, MomentRows] | None:
+    value = _cache_read(key)
     if not isinstance(value, dict):
         return None
     return ([(int(i), float(d)) for i, d in value.get("rows", [])],
@@ -541,12 +636,7 @@ def _cache_get(key: str) -> tuple[Rows, MomentRows] | None:
 
 
 def _cache_set(key: str, rows: Rows, moments: MomentRows) -> None:
-    if settings.SIMILAR_CACHE_SECONDS <= 0:
-        return
-    try:
-        cache.set(key, {"rows": rows, "moments": moments}, settings.SIMILAR_CACHE_SECONDS)
-    except Exception:  # noqa: BLE001
-        logger.warning("similar-image cache unavailable", exc_info=True)
+    _cache_write(key, {"rows": rows, "moments": moments})
 
 
 def images_visible(*, keys: Sequence[str], viewer: Viewer) -> list[Image]:

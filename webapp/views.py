@@ -13,7 +13,9 @@ from django.core.exceptions import TooManyFilesSent, ValidationError
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
 from django.urls import reverse
+from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from retrieval.errors import ImageRejected, UploadRejected
@@ -306,16 +308,21 @@ def collection_status(request: HttpRequest, key: str) -> JsonResponse:
 @require_GET
 def image_detail(request: HttpRequest, key: str) -> HttpResponse:
     image = selectors.image_for_viewer(key=key, viewer=request.user)
-    found = similarity.image_results(image=image, viewer=request.user, moments=settings.VIDEO_MOMENTS_K)
-    similar, moments = found.similar, found.moments
+
+    def section(found: similarity.ImageResults) -> str:
+        # No request here: the HTML is cached for every viewer with the same visible collections.
+        return render_to_string("_similar_section.html",
+                                {"image": image, "similar": found.similar, "moments": found.moments})
+
+    html = similarity.image_section(image=image, viewer=request.user, moments=settings.VIDEO_MOMENTS_K,
+                                    render=section)
     newer, older = selectors.image_neighbours(image=image)
     return render(
         request,
         "image.html",
         {
             "image": image,
-            "similar": similar,
-            "moments": moments,
+            "similar_section": mark_safe(html),  # noqa: S308 — rendered by the template above, escaped there
             "tags": selectors.image_tags(image=image),
             "previous": newer,
             "next": older,

@@ -1,8 +1,9 @@
 """Ingest throughput: files on disk -> rows + thumbnails + embeddings in PostgreSQL.
 
 Compares, in one run on the same images and the same embedded PostgreSQL/Redis:
-  batched  the product's bulk lane: rows ingested, then a real `celery worker -Q bulk` process
-           claiming batches (SKIP LOCKED), decoding in threads (JPEG draft mode) during inference;
+  batched  the product's bulk lane: the folder import (`imports.import_files`: files checked and
+           stored in threads, rows written) while a real `celery worker -Q bulk` process claims
+           batches (SKIP LOCKED), decoding in threads (JPEG draft mode) during inference;
   naive    one image at a time in this process: full decode, eager PyTorch on one image, one
            row at a time (no queue at all, so the ratio understates the gain);
 and measures a single upload's latency (upload -> ready, on the interactive worker) while a bulk
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -109,7 +111,9 @@ def wait_ready(collection, total: int, timeout: float = 3600) -> None:
 
 
 def batched(paths: list[Path], owner, log: Path, probe: Path | None) -> tuple[float, list[float]]:
-    from webapp import services
+    from django.db import connection
+
+    from webapp import imports, services
     from webapp.models import Image, ImageStatus
 
     collection = services.collection_create(owner=owner, name=f"batched-{time.time()}")
@@ -120,17 +124,19 @@ def batched(paths: list[Path], owner, log: Path, probe: Path | None) -> tuple[fl
     latencies: list[float] = []
     try:
         started = time.perf_counter()
-        queued = 0
-        for index, path in enumerate(paths):
-            services.image_ingest(collection=collection, uploaded_by=owner, data=path.read_bytes(),
-                                  name=path.name, queue=None)
-            queued += 1
-            if queued == 64 or index == len(paths) - 1:
-                services.enqueue_bulk_batches(count=queued)
-                queued = 0
+
+        def run_import() -> None:  # the product's bulk import (manage.py import_folder), in its own thread
+            try:
+                imports.import_files(((path.name, path, collection) for path in paths), owner=owner)
+            finally:
+                connection.close()
+
+        importer = threading.Thread(target=run_import)
+        importer.start()
         next_probe = time.perf_counter() + 2
         done = [ImageStatus.READY, ImageStatus.FAILED]
-        while Image.objects.filter(collection=collection, status__in=done).count() < len(paths):
+        # Single uploads to the interactive lane, one a second, while the import and the bulk worker run.
+        while importer.is_alive() or Image.objects.filter(collection=collection, status__in=done).count() < len(paths):
             if probe is not None and time.perf_counter() >= next_probe:
                 data = _variant(probe, len(latencies))
                 sent = time.perf_counter()
@@ -140,6 +146,7 @@ def batched(paths: list[Path], owner, log: Path, probe: Path | None) -> tuple[fl
                 latencies.append(time.perf_counter() - sent)
                 next_probe = time.perf_counter() + 1
             time.sleep(0.05)
+        importer.join()
         elapsed = time.perf_counter() - started
     finally:
         for process in (bulk, interactive):
@@ -227,7 +234,7 @@ class StageClock:
 def stages(paths: list[Path], owner) -> dict[str, float]:
     """Ingest and embed `paths` stage by stage in this process; return CPU ms per image per stage."""
     from retrieval import extraction, imaging, onnx_runtime
-    from webapp import embeddings, ingest, pipeline, services, storage, tagging
+    from webapp import embeddings, imports, ingest, pipeline, services, storage, tagging
     from webapp.models import Image
 
     recipe = pipeline.recipe()
@@ -235,7 +242,7 @@ def stages(paths: list[Path], owner) -> dict[str, float]:
     collection = services.collection_create(owner=owner, name=f"stages-{time.time()}")
     clock = StageClock()
     clock.wrap(services, "image_ingest", "import: hash, dedupe query, insert")
-    clock.wrap(imaging, "inspect_image", "import: validation decode")
+    clock.wrap(imaging, "inspect_image", "import: validation (JPEG: structure only)")
     clock.wrap(storage, "write_atomic", "storage writes (original, thumbnail)")
     clock.wrap(ingest, "images_claim", "claim")
     clock.wrap(ingest, "decode", "decode: read file")
@@ -251,9 +258,9 @@ def stages(paths: list[Path], owner) -> dict[str, float]:
     clock.wrap(services, "schedule_augment", "store: schedule augment (Redis)")
     servers_started = _server_cpu()
     started, cpu_started = time.perf_counter(), time.process_time()
-    for path in paths:
-        data = path.read_bytes()
-        services.image_ingest(collection=collection, uploaded_by=owner, data=data, name=path.name, queue=None)
+    for path in paths:  # what imports.import_files does, without its threads (so stages can be told apart)
+        services.image_ingest(collection=collection, uploaded_by=owner, name=path.name, queue=None,
+                              prepared=imports.file_prepare(path))
     size = settings_batch_size()
     while jobs := ingest.images_claim(limit=size):
         ingest.store([ingest.decode(job, recipe) for job in jobs], recipe, augment_each=False)

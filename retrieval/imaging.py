@@ -108,12 +108,18 @@ def _open(data: bytes, *, max_pixels: int) -> Image.Image:
     return image
 
 
-def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = True) -> ImageInfo:
     """Validate image bytes by content and decode them fully, raising `ImageRejected` if bad.
 
     Args:
         data: the raw bytes of the upload.
         max_pixels: images with more pixels are rejected before they are decoded.
+        decode: False lets a JPEG whose structure is complete skip the decode: its headers
+            parse (markers, tables, frame size, 8-bit samples) and its data ends with the
+            end-of-image marker, which a truncated file lacks. Whoever passes False decodes the
+            image later anyway and must handle `ImageRejected` there (a bulk import: its
+            worker's decode is the integrity check, and a failure is stored on the row). Other
+            formats, and JPEGs with anything after their end marker, are always decoded.
 
     Returns:
         The detected format and the size, as stored (before EXIF orientation).
@@ -121,6 +127,9 @@ def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     image = _open(data, max_pixels=max_pixels)
     fmt = image.format or ""
     size = image.size
+    if not decode and fmt == "JPEG" and image.mode in ("L", "RGB", "CMYK") and data.endswith(b"\xff\xd9"):
+        return ImageInfo(format=fmt, mime=ACCEPTED_FORMATS[fmt], extension=EXTENSIONS[fmt],
+                         width=size[0], height=size[1])
     try:
         if fmt == "PNG":
             _verify_png_checksums(data)

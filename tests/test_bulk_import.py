@@ -56,6 +56,33 @@ def test_a_folder_tree_becomes_collections_embedded_in_batches(celery_worker_pro
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.worker
+def test_a_broken_file_is_refused_at_import_or_failed_by_the_worker_never_lost(celery_worker_process, owner,
+                                                                              tmp_path, photos) -> None:
+    """The import checks a JPEG's structure and leaves the one decode to the worker.
+
+    A truncated file (no end marker) is rejected at once and nothing is stored; a file whose
+    structure is whole but whose data cannot be decoded is imported and fails in the worker,
+    with its reason on the row and in --wait's report.
+    """
+    good = photos["chelsea.jpg"]
+    folder = tmp_path / "pets"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(good)
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    sos = good.index(b"\xff\xda")
+    (folder / "hollow.jpg").write_bytes(good[: sos + 12] + b"\xff\xd9")  # scan header, then the end marker
+    out = io.StringIO()
+    call_command("import_folder", str(tmp_path), "--owner", owner.username, "--wait", "--no-progress", stdout=out)
+    report = out.getvalue()
+    assert "3 file(s): 2 accepted, 0 duplicate(s), 1 rejected" in report
+    assert "rejected pets/truncated.jpg: The image is truncated or corrupt" in report
+    assert "1 image(s) ready, 1 failed." in report and "failed hollow.jpg: The image is truncated or corrupt" in report
+    rows = dict(Image.objects.values_list("original_name", "status"))
+    assert rows == {"good.jpg": ImageStatus.READY, "hollow.jpg": ImageStatus.FAILED}
+
+
+@pytest.mark.django_db(transaction=True)
 def test_concurrent_claims_never_take_the_same_image(owner) -> None:
     collection = CollectionFactory(owner=owner)
     ids = {ImageFactory(collection=collection, status=ImageStatus.PENDING).pk for _ in range(40)}

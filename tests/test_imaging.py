@@ -46,6 +46,28 @@ def test_a_truncated_jpeg_is_corrupt() -> None:
         imaging.inspect_image(data[: len(data) // 2])
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_a_truncated_jpeg_is_corrupt_even_when_only_its_structure_is_checked(decode: bool) -> None:
+    noise = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    data = _encode(Image.fromarray(noise), "JPEG")
+    with pytest.raises(CorruptImage):
+        imaging.inspect_image(data[: len(data) - 200], decode=decode)
+
+
+def test_a_structure_check_trusts_a_whole_jpeg_and_decodes_anything_else() -> None:
+    data = _encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8)), "JPEG")
+    hollow = data[: data.index(b"\xff\xda") + 12] + b"\xff\xd9"  # headers whole, no image data
+    info = imaging.inspect_image(hollow, decode=False)
+    assert (info.format, info.width, info.height) == ("JPEG", 400, 300)
+    with pytest.raises(CorruptImage):
+        imaging.inspect_image(hollow)  # the full check decodes, and fails
+    with pytest.raises(CorruptImage):
+        imaging.inspect_image(hollow[:-2] + b"\0\0", decode=False)  # no end marker: decoded, fails
+    png = _encode(Image.new("RGB", (40, 30)), "PNG")
+    with pytest.raises(CorruptImage):
+        imaging.inspect_image(png[:-30], decode=False)  # other formats are always decoded
+
+
 def test_too_many_pixels_is_rejected_before_decoding() -> None:
     data = _encode(Image.new("L", (5000, 5000)), "PNG")
     with pytest.raises(ImageTooLarge):

@@ -1,4 +1,4 @@
-"""Bulk import of a zip archive into collections, through the same ingest path as uploads."""
+"""Bulk imports (a zip archive, a folder tree) into collections, through the same ingest path as uploads."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ import posixpath
 import stat
 import zipfile
 import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.db import connection
 
 from retrieval.errors import ImageRejected
 from webapp import services
@@ -136,6 +142,80 @@ def import_zip(
     logger.info("zip import by %s: %s accepted, %s duplicates, %s rejected",
                 owner, summary.accepted, summary.duplicates, len(summary.rejected))
     return summary
+
+
+#: Rows written before a batch task is queued for them, so the bulk workers start early.
+QUEUE_EVERY = 64
+
+
+def import_files(
+    items: Iterable[tuple[str, Path, Collection]],
+    *,
+    owner: AbstractBaseUser,
+    threads: int | None = None,
+    on_file: Callable[[], None] | None = None,
+) -> ImportSummary:
+    """Import files, each (label for the report, path, collection), for the bulk workers to embed.
+
+    IMPORT_THREADS threads read, check and store the files (`services.image_prepare`; a JPEG
+    whose structure is complete is not decoded here: the worker decodes it once, for its
+    thumbnail and its vector, and records a failure on the row) while this thread writes the
+    rows in order and queues a batch task every QUEUE_EVERY of them. Rows commit without
+    waiting for the WAL flush: a crash loses at most the last fraction of a second of them, and
+    running the import again adds them (files already in their collection are skipped).
+    """
+    summary = ImportSummary()
+    pending: deque[tuple[str, Path, Collection, Future[services.PreparedImage]]] = deque()
+    unqueued = 0
+
+    def finish() -> None:
+        nonlocal unqueued
+        label, path, collection, prepared = pending.popleft()
+        try:
+            result = services.image_ingest(collection=collection, uploaded_by=owner, name=path.name, queue=None,
+                                           prepared=prepared.result())
+        except ImageRejected as exc:
+            summary.rejected.append((label, str(exc)))
+        except OSError as exc:
+            summary.rejected.append((label, f"The file could not be read: {exc}"))
+        else:
+            summary.accepted += result.created
+            summary.duplicates += not result.created
+            unqueued += result.created
+            if unqueued >= QUEUE_EVERY:
+                services.enqueue_bulk_batches(count=unqueued)
+                unqueued = 0
+        if on_file is not None:
+            on_file()
+
+    workers = threads or settings.IMPORT_THREADS
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="import") as pool, _commits_unflushed():
+        for label, path, collection in items:
+            pending.append((label, path, collection, pool.submit(file_prepare, path)))
+            if len(pending) >= 4 * workers:  # enough ahead to keep the threads busy, no more in memory
+                finish()
+        while pending:
+            finish()
+    if unqueued:
+        services.enqueue_bulk_batches(count=unqueued)
+    return summary
+
+
+def file_prepare(path: Path) -> services.PreparedImage:
+    """Read, check and store one file for a bulk import (`services.image_prepare`); thread-safe."""
+    services.upload_check_size(size=path.stat().st_size)  # before reading it
+    return services.image_prepare(path.read_bytes(), decode=False)
+
+
+@contextmanager
+def _commits_unflushed() -> Iterator[None]:
+    with connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit = off")
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET synchronous_commit")
 
 
 def _collection_named(*, owner: AbstractBaseUser, name: str) -> Collection:

@@ -240,29 +240,52 @@ def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
     return removed
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image validated and its original stored: what an ingest needs before the database."""
+
+    data: bytes
+    info: imaging.ImageInfo
+    sha256: str
+    file_path: str
+
+
+def image_prepare(data: bytes, *, decode: bool = True) -> PreparedImage:
+    """Validate image bytes and store the original file; no database access, so thread-safe.
+
+    Raises `ImageRejected` (nothing stored) when the bytes are not an acceptable image. The
+    file is content-addressed: storing content that is already there only touches it.
+    `decode=False` is for bulk imports (`imaging.inspect_image`).
+    """
+    upload_check_size(size=len(data))
+    info = imaging.inspect_image(data, max_pixels=settings.MAX_IMAGE_PIXELS, decode=decode)
+    sha256 = hashlib.sha256(data).hexdigest()
+    relative = storage.content_path("originals", sha256, info.extension)
+    storage.write_or_keep(relative, data)
+    return PreparedImage(data=data, info=info, sha256=sha256, file_path=relative)
+
+
 def image_ingest(
     *,
     collection: Collection,
     uploaded_by: AbstractBaseUser | AnonymousUser | None,
-    data: bytes,
+    data: bytes = b"",
     name: str = "",
     queue: str | None = INTERACTIVE_QUEUE,
+    prepared: PreparedImage | None = None,
 ) -> IngestResult:
     """Validate and store an uploaded image, then queue its embedding once committed.
 
     Raises `ImageRejected` (nothing stored) when the bytes are not an acceptable image.
     The same content uploaded twice into one collection returns the existing image. With
-    `queue=None` nothing is queued: a bulk import queues batch tasks for its rows itself.
+    `queue=None` nothing is queued: a bulk import queues batch tasks for its rows itself, and
+    passes what `image_prepare` made of the bytes (in its threads) instead of the bytes.
     """
-    upload_check_size(size=len(data))
-    info = imaging.inspect_image(data, max_pixels=settings.MAX_IMAGE_PIXELS)
-    sha256 = hashlib.sha256(data).hexdigest()
+    prepared = prepared or image_prepare(data)
+    info, sha256, relative = prepared.info, prepared.sha256, prepared.file_path
     existing = Image.objects.filter(collection=collection, sha256=sha256).first()
     if existing is not None:
         return IngestResult(existing, created=False)
-
-    relative = storage.content_path("originals", sha256, info.extension)
-    storage.write_or_keep(relative, data)
     user = uploaded_by if uploaded_by is not None and uploaded_by.is_authenticated else None
     try:
         with transaction.atomic():
@@ -275,7 +298,7 @@ def image_ingest(
                 mime_type=info.mime,
                 width=info.width,
                 height=info.height,
-                byte_size=len(data),
+                byte_size=len(prepared.data),
             )
             if queue is not None:
                 _enqueue_on_commit(image.pk, queue=queue)

@@ -299,6 +299,9 @@ SIMILAR_CACHE_SECONDS = env_int("SIMILAR_CACHE_SECONDS", 3600, minimum=0)
 EMBED_BATCH_SIZE = env_int("EMBED_BATCH_SIZE", 32, minimum=1, maximum=1024)
 DECODE_THREADS = env_int("DECODE_THREADS", 2, minimum=1, maximum=64)
 EMBED_TIME_BUDGET = env_float("EMBED_TIME_BUDGET", 60.0, minimum=1.0)
+# Threads of `manage.py import_folder` that read, check and store files while its main thread
+# writes the rows (docs/benchmarks.md#ingest).
+IMPORT_THREADS = env_int("IMPORT_THREADS", 2, minimum=1, maximum=64)
 # Re-ranking (docs/quality.md): each stored vector is averaged with its nearest neighbours in its
 # own collection (database-side augmentation), and each query with its first results (query
 # expansion), each neighbour weighted by similarity ** SIMILAR_ALPHA so that unrelated images

@@ -1,14 +1,14 @@
 """Bulk import a folder tree: one collection per sub-folder, or everything into one collection.
 
 Resumable: files already in their collection (same content hash) are skipped, so running the
-command again after an interruption picks up where it stopped. Images are embedded by the bulk
-workers in batches; `--wait` shows their progress too.
+command again after an interruption picks up where it stopped. Files are read and checked in
+threads (`imports.import_files`); images are embedded by the bulk workers in batches, and
+`--wait` shows their progress and, at the end, how many failed and why.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from retrieval.errors import ImageRejected
-from webapp import services
+from webapp import imports, services
 from webapp.models import Collection, Image, ImageStatus, Visibility
-
-#: Files read and ingested before a batch task is queued for them, so workers start early.
-QUEUE_EVERY = 64
 
 
 class Command(BaseCommand):
@@ -48,35 +44,24 @@ class Command(BaseCommand):
             if target is None:
                 raise CommandError(f"no collection with key {options['collection']!r}")
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        counts: Counter[str] = Counter()
-        rejected: list[tuple[str, str]] = []
         collections: dict[str, Collection] = {}
-        since_queued = 0
-        for path in tqdm(files, desc="importing", unit="file", disable=options["no_progress"]):
-            collection = target or self._collection_for(path, folder, owner, options["visibility"], collections)
-            try:
-                result = services.image_ingest(
-                    collection=collection, uploaded_by=owner, data=path.read_bytes(), name=path.name, queue=None
-                )
-            except ImageRejected as exc:
-                rejected.append((str(path.relative_to(folder)), str(exc)))
-                counts["rejected"] += 1
-                continue
-            counts["accepted" if result.created else "duplicate"] += 1
-            since_queued += int(result.created)
-            if since_queued >= QUEUE_EVERY:
-                services.enqueue_bulk_batches(count=since_queued)
-                since_queued = 0
+        with tqdm(total=len(files), desc="importing", unit="file", disable=options["no_progress"]) as bar:
+            summary = imports.import_files(
+                ((str(path.relative_to(folder)), path,
+                  target or self._collection_for(path, folder, owner, options["visibility"], collections))
+                 for path in files),
+                owner=owner, on_file=lambda: bar.update(1),
+            )
         # Also whatever an interrupted earlier run left pending.
         leftover = Image.objects.filter(collection__in=self._touched(target, collections), status=ImageStatus.PENDING)
-        if since_queued or leftover.exists():
-            services.enqueue_bulk_batches(count=max(since_queued, leftover.count()))
+        if leftover.exists():
+            services.enqueue_bulk_batches(count=leftover.count())
         self.stdout.write(
-            f"{len(files)} file(s): {counts['accepted']} accepted, {counts['duplicate']} duplicate(s), "
-            f"{counts['rejected']} rejected, into {len(self._touched(target, collections))} collection(s)."
+            f"{len(files)} file(s): {summary.accepted} accepted, {summary.duplicates} duplicate(s), "
+            f"{len(summary.rejected)} rejected, into {len(self._touched(target, collections))} collection(s)."
         )
         services.images_analyze()
-        for name, reason in rejected[:50]:
+        for name, reason in summary.rejected[:50]:
             self.stdout.write(f"  rejected {name}: {reason}")
         if options["wait"]:
             self._wait(self._touched(target, collections), progress=not options["no_progress"])
@@ -105,5 +90,7 @@ class Command(BaseCommand):
                 if finished >= total:
                     break
                 time.sleep(0.5)
-        failed = images.filter(status=ImageStatus.FAILED).count()
-        self.stdout.write(f"{total - failed} image(s) ready, {failed} failed.")
+        failed = images.filter(status=ImageStatus.FAILED).order_by("id")
+        self.stdout.write(f"{total - failed.count()} image(s) ready, {failed.count()} failed.")
+        for image in failed[:50]:  # a file that passed the import's check but not the worker's decode
+            self.stdout.write(f"  failed {image.original_name}: {image.error}")

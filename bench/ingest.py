@@ -80,13 +80,16 @@ def setup(var_dir: Path) -> None:
 REDIS = None
 
 
-def worker(queue: str, log: Path) -> subprocess.Popen[bytes]:
+def worker(queue: str, log: Path, *, name: str = "", threads: int | None = None) -> subprocess.Popen[bytes]:
     # As in `manage.py serve`: the bulk lane runs at a lower CPU priority than the interactive one.
     nice = ["nice", "-n", "10"] if queue == "bulk" else []
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's thread count, which ONNX Runtime's session follows
     return subprocess.Popen(
         [*nice, sys.executable, "-m", "celery", "-A", "webapp", "worker", "-P", "solo", "-Q", queue,
-         "-n", f"{queue}@%h", "--loglevel", "WARNING", "--without-gossip", "--without-mingle"],
-        cwd=ROOT, env=dict(os.environ), stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+         "-n", f"{name or queue}@%h", "--loglevel", "WARNING", "--without-gossip", "--without-mingle"],
+        cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )
 
 
@@ -110,7 +113,8 @@ def wait_ready(collection, total: int, timeout: float = 3600) -> None:
         time.sleep(0.2)
 
 
-def batched(paths: list[Path], owner, log: Path, probe: Path | None) -> tuple[float, list[float]]:
+def batched(paths: list[Path], owner, log: Path, probe: Path | None, *, bulk_workers: int | None = None,
+            worker_threads: int | None = None) -> tuple[float, list[float]]:
     from django.db import connection
 
     from webapp import imports, services
@@ -118,16 +122,24 @@ def batched(paths: list[Path], owner, log: Path, probe: Path | None) -> tuple[fl
 
     collection = services.collection_create(owner=owner, name=f"batched-{time.time()}")
     probes = services.collection_create(owner=owner, name=f"probes-{time.time()}")
-    bulk = worker("bulk", log)
-    interactive = worker("interactive", log)
-    _wait_for_workers(2)  # both answer once ready, i.e. once each has loaded its CNN
+    if bulk_workers is None:  # the layout `manage.py serve` starts (BULK_WORKERS)
+        from webapp.management.commands.serve import bulk_worker_layout
+
+        bulk_workers, worker_threads = bulk_worker_layout()
+    print(f"  {bulk_workers} bulk worker(s), {worker_threads or 'default'} thread(s) each", flush=True)
+    workers = {f"bulk worker {n + 1}": worker("bulk", log, name=f"bulk{n + 1}", threads=worker_threads)
+               for n in range(bulk_workers)}
+    workers["interactive worker"] = worker("interactive", log)
+    _wait_for_workers(len(workers))  # each answers once ready, i.e. once it has loaded its CNN
     latencies: list[float] = []
     try:
         started = time.perf_counter()
+        cpu = _cpu_by_process(workers)
 
         def run_import() -> None:  # the product's bulk import (manage.py import_folder), in its own thread
             try:
                 imports.import_files(((path.name, path, collection) for path in paths), owner=owner)
+                print(f"  import finished after {time.perf_counter() - started:.1f} s", flush=True)
             finally:
                 connection.close()
 
@@ -148,14 +160,29 @@ def batched(paths: list[Path], owner, log: Path, probe: Path | None) -> tuple[fl
             time.sleep(0.05)
         importer.join()
         elapsed = time.perf_counter() - started
+        spent = {name: seconds - cpu[name] for name, seconds in _cpu_by_process(workers).items()}
+        print("  CPU seconds during the run: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in spent.items())
+              + f" (of {2 * elapsed:.1f} on 2 cores)", flush=True)
     finally:
-        for process in (bulk, interactive):
+        for process in workers.values():
             process.terminate()
             process.wait(30)
     failed = Image.objects.filter(collection=collection, status=ImageStatus.FAILED).count()
     if failed:
         print(f"warning: {failed} image(s) failed in the batched run")
     return elapsed, latencies
+
+
+def _cpu_by_process(workers: dict[str, subprocess.Popen[bytes]]) -> dict[str, float]:
+    """CPU seconds so far: this process (the import and the probes), each worker, PostgreSQL + Redis."""
+    import psutil
+
+    def used(pid: int) -> float:
+        times = psutil.Process(pid).cpu_times()
+        return times.user + times.system
+
+    return {"importer": used(os.getpid()), **{name: used(process.pid) for name, process in workers.items()},
+            "PostgreSQL + Redis": _server_cpu()}
 
 
 def _variant(path: Path, index: int) -> bytes:
@@ -320,6 +347,8 @@ def main() -> None:
     parser.add_argument("--size", default="4000x3000", help="generated JPEG size (default 12 MP)")
     parser.add_argument("--naive-count", type=int, default=100, help="images timed the naive way (rate is per image)")
     parser.add_argument("--no-probe", action="store_true", help="skip the single-upload latency probe")
+    parser.add_argument("--bulk-workers", type=int, help="bulk worker processes (default: as manage.py serve)")
+    parser.add_argument("--worker-threads", type=int, help="OMP_NUM_THREADS of each bulk worker (default: as serve)")
     parser.add_argument("--stages", type=int, metavar="N",
                         help="instead: CPU time per stage for the first N images, in this process")
     args = parser.parse_args()
@@ -346,8 +375,8 @@ def main() -> None:
             stages(paths[: args.stages], owner)
             _stop()
             return
-        elapsed, latencies = batched(paths, owner, tmp_path / "workers.log",
-                                     None if args.no_probe else paths[0])
+        elapsed, latencies = batched(paths, owner, tmp_path / "workers.log", None if args.no_probe else paths[0],
+                                     bulk_workers=args.bulk_workers, worker_threads=args.worker_threads)
         naive_paths = paths[: args.naive_count]
         naive_elapsed = naive(naive_paths, owner)
         batched_rate = len(paths) / elapsed

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from webapp import embedded
+from webapp.management.commands.serve import bulk_worker_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,8 +69,14 @@ def test_serve_starts_everything_and_ctrl_c_leaves_no_process(tmp_path: Path) ->
         assert f"Simili is running at http://127.0.0.1:{port}/" in log.read_text()
         assert embedded.postgres_running(layout)
         assert embedded.redis_running(layout)
-        workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "celery" in " ".join(p.cmdline())]
+        workers = [p for p in psutil.Process(process.pid).children()  # not -B's own beat process
+                   if "celery" in " ".join(p.cmdline()) and "worker" in p.cmdline()]
         assert workers, "no Celery worker was started"
+        bulk = [p for p in workers if "bulk" in p.cmdline()]
+        expected, threads = bulk_worker_layout()
+        assert len(bulk) == expected and sum("-B" in p.cmdline() for p in bulk) == 1  # one beat scheduler
+        if threads:
+            assert {p.environ().get("OMP_NUM_THREADS") for p in bulk} == {str(threads)}
         descendants = _ctrl_c(process)
     finally:
         if process.poll() is None:
@@ -90,3 +97,18 @@ def test_serve_starts_everything_and_ctrl_c_leaves_no_process(tmp_path: Path) ->
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert not embedded.postgres_running(layout)
+
+
+def test_bulk_workers_are_one_on_a_gpu_and_share_the_cores_otherwise(settings, monkeypatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    settings.BULK_WORKERS = 0
+    settings.EMBEDDING_DEVICE = "cpu"
+    assert bulk_worker_layout() == (2, 4)
+    settings.EMBEDDING_DEVICE = "cuda"
+    assert bulk_worker_layout() == (1, None)
+    settings.BULK_WORKERS = 3
+    assert bulk_worker_layout() == (3, 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    settings.BULK_WORKERS = 0
+    settings.EMBEDDING_DEVICE = "cpu"
+    assert bulk_worker_layout() == (1, None)

@@ -299,6 +299,11 @@ SIMILAR_CACHE_SECONDS = env_int("SIMILAR_CACHE_SECONDS", 3600, minimum=0)
 EMBED_BATCH_SIZE = env_int("EMBED_BATCH_SIZE", 32, minimum=1, maximum=1024)
 DECODE_THREADS = env_int("DECODE_THREADS", 2, minimum=1, maximum=64)
 EMBED_TIME_BUDGET = env_float("EMBED_TIME_BUDGET", 60.0, minimum=1.0)
+# Bulk-lane worker processes that `manage.py serve` starts, and the CPU threads each one's CNN
+# uses: 0 = automatic, i.e. one process on a GPU, else two, sharing the cores (measured on 2
+# cores: two single-threaded processes embed 20-30% more images/s than one with two threads,
+# docs/benchmarks.md#ingest).
+BULK_WORKERS = env_int("BULK_WORKERS", 0, minimum=0, maximum=64)
 # Threads of `manage.py import_folder` that read, check and store files while its main thread
 # writes the rows (docs/benchmarks.md#ingest).
 IMPORT_THREADS = env_int("IMPORT_THREADS", 2, minimum=1, maximum=64)

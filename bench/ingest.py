@@ -1,8 +1,8 @@
 """Ingest throughput: files on disk -> rows + thumbnails + embeddings in PostgreSQL.
 
 Compares, in one run on the same images and the same embedded PostgreSQL/Redis:
-  batched  the product's bulk lane: the folder import (`imports.import_files`: files checked and
-           stored in threads, rows written) while a real `celery worker -Q bulk` process claims
+  batched  the product's bulk lane: `manage.py import_folder` (files checked and stored in threads,
+           rows written) while the bulk workers `manage.py serve` would start (BULK_WORKERS) claim
            batches (SKIP LOCKED), decoding in threads (JPEG draft mode) during inference;
   naive    one image at a time in this process: full decode, eager PyTorch on one image, one
            row at a time (no queue at all, so the ratio understates the gain);
@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -113,11 +112,10 @@ def wait_ready(collection, total: int, timeout: float = 3600) -> None:
         time.sleep(0.2)
 
 
-def batched(paths: list[Path], owner, log: Path, probe: Path | None, *, bulk_workers: int | None = None,
+def batched(folder: Path, paths: list[Path], owner, log: Path, probe: Path | None, *, bulk_workers: int | None = None,
             worker_threads: int | None = None) -> tuple[float, list[float]]:
-    from django.db import connection
 
-    from webapp import imports, services
+    from webapp import services
     from webapp.models import Image, ImageStatus
 
     collection = services.collection_create(owner=owner, name=f"batched-{time.time()}")
@@ -136,31 +134,47 @@ def batched(paths: list[Path], owner, log: Path, probe: Path | None, *, bulk_wor
         started = time.perf_counter()
         cpu = _cpu_by_process(workers)
 
-        def run_import() -> None:  # the product's bulk import (manage.py import_folder), in its own thread
-            try:
-                imports.import_files(((path.name, path, collection) for path in paths), owner=owner)
-                print(f"  import finished after {time.perf_counter() - started:.1f} s", flush=True)
-            finally:
-                connection.close()
-
-        importer = threading.Thread(target=run_import)
-        importer.start()
+        # The product's bulk import, as its own process (as an operator runs it).
+        importer = subprocess.Popen(
+            [sys.executable, "manage.py", "import_folder", str(folder), "--owner", owner.get_username(),
+             "--collection", collection.key, "--no-progress"],
+            cwd=ROOT, env=dict(os.environ), stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        )
+        import_cpu = 0.0
         next_probe = time.perf_counter() + 2
         done = [ImageStatus.READY, ImageStatus.FAILED]
+
+        def importing() -> bool:
+            nonlocal import_cpu
+            if importer.returncode is not None:
+                return False
+            pid, status, usage = os.wait4(importer.pid, os.WNOHANG)
+            if pid == 0:
+                return True
+            importer.returncode = os.waitstatus_to_exitcode(status)
+            import_cpu = usage.ru_utime + usage.ru_stime
+            print(f"  import finished after {time.perf_counter() - started:.1f} s (exit {importer.returncode})",
+                  flush=True)
+            return False
+
         # Single uploads to the interactive lane, one a second, while the import and the bulk worker run.
-        while importer.is_alive() or Image.objects.filter(collection=collection, status__in=done).count() < len(paths):
+        while importing() or Image.objects.filter(collection=collection, status__in=done).count() < len(paths):
             if probe is not None and time.perf_counter() >= next_probe:
                 data = _variant(probe, len(latencies))
                 sent = time.perf_counter()
                 image = services.image_ingest(collection=probes, uploaded_by=owner, data=data, name="probe.jpg").image
-                while Image.objects.get(pk=image.pk).status not in (ImageStatus.READY, ImageStatus.FAILED):
+                stored = time.perf_counter()
+                while (row := Image.objects.get(pk=image.pk)).status not in (ImageStatus.READY, ImageStatus.FAILED):
                     time.sleep(0.02)
                 latencies.append(time.perf_counter() - sent)
+                print(f"  probe at {sent - started:.1f} s: {latencies[-1]:.2f} s (upload {stored - sent:.2f} s, "
+                      f"claimed +{(row.updated_at - row.created_at).total_seconds():.2f} s, "
+                      f"ready +{(row.processed_at - row.created_at).total_seconds():.2f} s)", flush=True)
                 next_probe = time.perf_counter() + 1
             time.sleep(0.05)
-        importer.join()
         elapsed = time.perf_counter() - started
-        spent = {name: seconds - cpu[name] for name, seconds in _cpu_by_process(workers).items()}
+        spent = {"import_folder": import_cpu,
+                 **{name: seconds - cpu[name] for name, seconds in _cpu_by_process(workers).items()}}
         print("  CPU seconds during the run: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in spent.items())
               + f" (of {2 * elapsed:.1f} on 2 cores)", flush=True)
     finally:
@@ -181,8 +195,8 @@ def _cpu_by_process(workers: dict[str, subprocess.Popen[bytes]]) -> dict[str, fl
         times = psutil.Process(pid).cpu_times()
         return times.user + times.system
 
-    return {"importer": used(os.getpid()), **{name: used(process.pid) for name, process in workers.items()},
-            "PostgreSQL + Redis": _server_cpu()}
+    return {"this process (probes)": used(os.getpid()),
+            **{name: used(process.pid) for name, process in workers.items()}, "PostgreSQL + Redis": _server_cpu()}
 
 
 def _variant(path: Path, index: int) -> bytes:
@@ -357,13 +371,13 @@ def main() -> None:
         tmp_path = Path(tmp)
         if args.folder:
             paths = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
-            source = str(args.folder)
+            source, folder = str(args.folder), args.folder
         else:
             width, height = (int(v) for v in args.size.split("x"))
             started = time.perf_counter()
             paths = generate(tmp_path / "photos", args.count, (width, height))
             print(f"generated {len(paths)} {args.size} JPEGs in {time.perf_counter() - started:.0f} s")
-            source = f"{len(paths)} generated {args.size} JPEGs"
+            source, folder = f"{len(paths)} generated {args.size} JPEGs", tmp_path / "photos"
         setup(tmp_path / "var")
         from django.contrib.auth import get_user_model
 
@@ -375,7 +389,8 @@ def main() -> None:
             stages(paths[: args.stages], owner)
             _stop()
             return
-        elapsed, latencies = batched(paths, owner, tmp_path / "workers.log", None if args.no_probe else paths[0],
+        elapsed, latencies = batched(folder, paths, owner, tmp_path / "workers.log",
+                                     None if args.no_probe else paths[0],
                                      bulk_workers=args.bulk_workers, worker_threads=args.worker_threads)
         naive_paths = paths[: args.naive_count]
         naive_elapsed = naive(naive_paths, owner)

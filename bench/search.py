@@ -363,6 +363,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--storage", action="store_true", help="also compare vector and halfvec storage")
     parser.add_argument("--pages", action="store_true", help="also time the image page under 8 clients")
+    parser.add_argument("--page-requests", type=int, default=25, help="timed requests per client and phase")
     parser.add_argument("--sweep", default="", help="ef_search values to sweep unfiltered, e.g. 40,100,200")
     parser.add_argument("--var", type=Path, help="keep the database here instead of a temporary directory")
     args = parser.parse_args()
@@ -400,7 +401,7 @@ def main() -> None:
                 sweep(world, vectors, queries, [int(v) for v in args.sweep.split(",")])
             if args.pages:
                 print("\nimage page, 8 clients:", flush=True)
-                pages(world, clients=8, requests=25)
+                pages(world, clients=8, requests=args.page_requests)
             if args.storage:
                 print("\nstorage experiment (scratch tables, same vectors):", flush=True)
                 storage_experiment(vectors[: min(args.rows, 100_000)], queries)

@@ -48,6 +48,16 @@ def _wait_for_page(url: str, process: subprocess.Popen[bytes], log: Path) -> str
     raise AssertionError(f"no page at {url} within 120 s:\n{log.read_text()[-3000:]}")
 
 
+def _kill_everything(process: subprocess.Popen[bytes]) -> None:
+    """After a failed assertion: serve's children run in their own sessions, so killing serve's
+    process group alone would leave workers, PostgreSQL and Redis running."""
+    if process.poll() is not None:
+        return
+    for child in psutil.Process(process.pid).children(recursive=True):
+        child.kill()
+    os.killpg(process.pid, signal.SIGKILL)
+
+
 def _ctrl_c(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
     descendants = psutil.Process(process.pid).children(recursive=True)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
@@ -79,8 +89,7 @@ def test_serve_starts_everything_and_ctrl_c_leaves_no_process(tmp_path: Path) ->
             assert {p.environ().get("OMP_NUM_THREADS") for p in bulk} == {str(threads)}
         descendants = _ctrl_c(process)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_everything(process)
     assert process.returncode == 0
     time.sleep(1)
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants)
@@ -94,8 +103,7 @@ def test_serve_starts_everything_and_ctrl_c_leaves_no_process(tmp_path: Path) ->
         assert "initialising embedded PostgreSQL" not in log.read_text()
         _ctrl_c(process)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_everything(process)
     assert not embedded.postgres_running(layout)
 
 

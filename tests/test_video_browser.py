@@ -6,8 +6,9 @@ import pytest
 
 from tests.conftest import ARTIFACTS
 from tests.test_accessibility import AUDIT
-from tests.test_videos import jittered_crop, make_clip
+from tests.test_videos import jittered_crop, make_clip, wait_ready
 from webapp import services, videos
+from webapp.models import Video
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -17,7 +18,10 @@ def test_clicking_a_moment_plays_the_video_from_that_second(browser, live_server
     shots = make_clip(tmp_path / "a.mp4", ["astronaut", "coffee"], [3.0, 4.0], seed=4)
     video = videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "a.mp4").read_bytes(),
                                 name="kitchen.mp4").video
+    # A Celery worker left running by an earlier test may take the queued index task first;
+    # then this call returns at once, so wait for whichever indexes it.
     videos.video_index(video_id=video.pk)
+    wait_ready(Video, [video.key])
     photo = services.image_ingest(collection=collection, uploaded_by=owner, data=jittered_crop("coffee"),
                                   name="cup.jpg", queue=None).image
     services.image_embed(image_id=photo.pk)

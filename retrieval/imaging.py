@@ -127,9 +127,9 @@ def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, decode: 
     image = _open(data, max_pixels=max_pixels)
     fmt = image.format or ""
     size = image.size
+    info = ImageInfo(format=fmt, mime=ACCEPTED_FORMATS[fmt], extension=EXTENSIONS[fmt], width=size[0], height=size[1])
     if not decode and fmt == "JPEG" and image.mode in ("L", "RGB", "CMYK") and data.endswith(b"\xff\xd9"):
-        return ImageInfo(format=fmt, mime=ACCEPTED_FORMATS[fmt], extension=EXTENSIONS[fmt],
-                         width=size[0], height=size[1])
+        return info
     try:
         if fmt == "PNG":
             _verify_png_checksums(data)
@@ -143,13 +143,7 @@ def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, decode: 
         raise ImageTooLarge(f"The image has too many pixels: {exc}") from exc
     except _DECODE_ERRORS as exc:
         raise CorruptImage(f"The image is truncated or corrupt: {exc}") from exc
-    return ImageInfo(
-        format=fmt,
-        mime=ACCEPTED_FORMATS[fmt],
-        extension=EXTENSIONS[fmt],
-        width=size[0],
-        height=size[1],
-    )
+    return info
 
 
 def _verify_png_checksums(data: bytes) -> None:

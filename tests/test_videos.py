@@ -424,19 +424,26 @@ def test_a_video_over_the_byte_limit_is_refused_before_it_is_read(owner_client, 
     assert upload(owner_client, key, "a.mp4", data)["status"] == 202
 
 
-@pytest.mark.django_db
-def test_a_redelivered_or_exhausted_video_is_not_claimed_and_the_reconciler_fails_it(owner, settings, tmp_path,
-                                                                                       monkeypatch) -> None:
-    from datetime import timedelta
-
-    from django.utils import timezone
-
+@pytest.fixture
+def unqueued_video(owner, tmp_path, monkeypatch) -> Video:
+    """A stored two-second clip whose index task was never handed to the broker: the reconciler's case."""
     from webapp import services, tasks, videos
 
     monkeypatch.setattr(tasks.index_video, "apply_async", lambda *args, **kwargs: None)
     collection = services.collection_create(owner=owner, name="Clips", visibility="public")
     make_clip(tmp_path / "a.mp4", ["rocket"], [2.0])
-    video = videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "a.mp4").read_bytes()).video
+    return videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "a.mp4").read_bytes()).video
+
+
+@pytest.mark.django_db
+def test_a_redelivered_or_exhausted_video_is_not_claimed_and_the_reconciler_fails_it(settings, unqueued_video) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from webapp import videos
+
+    video = unqueued_video
     # A second delivery while a worker holds it: nothing done twice.
     Video.objects.filter(pk=video.pk).update(status=ImageStatus.PROCESSING, attempts=1)
     assert videos.video_index(video_id=video.pk) == 0
@@ -495,18 +502,14 @@ def test_an_animated_gif_keeps_the_photo_byte_limit(owner_client, settings) -> N
 
 
 @pytest.mark.django_db
-def test_a_long_video_has_longer_before_the_reconciler_calls_its_worker_dead(owner, settings, tmp_path,
-                                                                              monkeypatch) -> None:
+def test_a_long_video_has_longer_before_the_reconciler_calls_its_worker_dead(settings, unqueued_video) -> None:
     from datetime import timedelta
 
     from django.utils import timezone
 
-    from webapp import services, tasks, videos
+    from webapp import videos
 
-    monkeypatch.setattr(tasks.index_video, "apply_async", lambda *args, **kwargs: None)
-    collection = services.collection_create(owner=owner, name="Clips", visibility="public")
-    make_clip(tmp_path / "a.mp4", ["rocket"], [2.0])
-    video = videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "a.mp4").read_bytes()).video
+    video = unqueued_video
     Video.objects.filter(pk=video.pk).update(status=ImageStatus.PROCESSING, attempts=1, duration=120.0)
     allowance = settings.RECONCILE_PROCESSING_AFTER + 120 * videos.PROCESSING_SECONDS_PER_SECOND
     Video.objects.filter(pk=video.pk).update(updated_at=timezone.now() - timedelta(seconds=allowance - 60))

@@ -66,6 +66,18 @@ def setup(var_dir: Path, rows: int) -> object:
     return redis
 
 
+def teardown(redis: object) -> None:
+    """Close the connections and stop what `setup` started."""
+    from django.conf import settings
+    from django.db import connections
+
+    from webapp import embedded
+
+    connections.close_all()
+    embedded.stop_postgres(settings.EMBEDDED)
+    embedded.stop_process(redis)
+
+
 def clustered(rows: int, rng: np.random.Generator, centres: np.ndarray | None = None) -> np.ndarray:
     """Unit vectors shaped like a CNN's pooled features: non-negative (post-ReLU), in clusters.
 
@@ -372,8 +384,6 @@ def main() -> None:
         redis = setup(var, args.rows)
         from django.conf import settings
 
-        from webapp import embedded
-
         try:
             rng = np.random.default_rng(0)
             centres = rng.standard_normal((CLUSTERS, DIM)).astype(np.float32)
@@ -406,11 +416,7 @@ def main() -> None:
                 print("\nstorage experiment (scratch tables, same vectors):", flush=True)
                 storage_experiment(vectors[: min(args.rows, 100_000)], queries)
         finally:
-            from django.db import connections
-
-            connections.close_all()
-            embedded.stop_postgres(settings.EMBEDDED)
-            embedded.stop_process(redis)
+            teardown(redis)
 
 
 if __name__ == "__main__":

@@ -53,10 +53,6 @@ def run(*, triggers: bool) -> list[float]:
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="simili-bench-triggers-") as tmp:
         redis = search.setup(Path(tmp) / "var", 1000)
-        from django.conf import settings
-
-        from webapp import embedded
-
         try:
             rows = ROWS_PER_TRANSACTION * TRANSACTIONS
             for triggers in (False, True, False, True):
@@ -64,11 +60,7 @@ def main() -> None:
                 print(f"{label}: {rows} rows in {TRANSACTIONS} transactions, seconds: {run(triggers=triggers)}",
                       flush=True)
         finally:
-            from django.db import connections
-
-            connections.close_all()
-            embedded.stop_postgres(settings.EMBEDDED)
-            embedded.stop_process(redis)
+            search.teardown(redis)
 
 
 if __name__ == "__main__":

@@ -144,3 +144,27 @@ def test_workers_reconnect_after_the_database_restarts(celery_worker_process, ow
     assert _upload(owner_client, key, {"rocket.webp": photos["rocket.webp"]}).status_code == 202
     _wait(lambda: Image.objects.filter(status=ImageStatus.READY).count() == 2, 120, "the image after the restart")
     _assert_all_ready_exactly_once(2)
+
+
+@pytest.mark.django_db
+def test_the_reconciler_gives_up_on_an_image_whose_worker_died_every_time(owner, settings) -> None:
+    """An image that kills its worker is failed after EMBED_MAX_ATTEMPTS, with the reason; others go again."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tests.factories import CollectionFactory, ImageFactory
+    from webapp import services
+
+    collection = CollectionFactory(owner=owner)
+    long_ago = timezone.now() - timedelta(seconds=settings.RECONCILE_PROCESSING_AFTER + 60)
+    doomed, again = ImageFactory(collection=collection), ImageFactory(collection=collection)
+    Image.objects.filter(pk=doomed.pk).update(status=ImageStatus.PROCESSING, attempts=settings.EMBED_MAX_ATTEMPTS,
+                                              updated_at=long_ago)
+    Image.objects.filter(pk=again.pk).update(status=ImageStatus.PROCESSING, attempts=1, updated_at=long_ago)
+    assert services.images_requeue_stale() == 1
+    doomed.refresh_from_db()
+    again.refresh_from_db()
+    assert doomed.status == ImageStatus.FAILED and doomed.processed_at is not None
+    assert doomed.error.startswith(f"Gave up after {settings.EMBED_MAX_ATTEMPTS} attempts")
+    assert again.status == ImageStatus.PENDING

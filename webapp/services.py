@@ -183,13 +183,11 @@ def images_requeue_stale() -> int:
         | Q(status=ImageStatus.PENDING, enqueued_at__lt=pending_before)
         | Q(status=ImageStatus.PROCESSING, updated_at__lt=processing_before)
     )
-    exhausted = stale.filter(attempts__gte=settings.EMBED_MAX_ATTEMPTS)
-    for image_id in exhausted.values_list("pk", flat=True):
-        image_mark_failed(
-            image_id=image_id,
-            error=f"Gave up after {settings.EMBED_MAX_ATTEMPTS} attempts: the worker died each time "
-            "(the image may be too large for its memory).",
-        )
+    stale.filter(attempts__gte=settings.EMBED_MAX_ATTEMPTS).update(
+        status=ImageStatus.FAILED, processed_at=now,
+        error=f"Gave up after {settings.EMBED_MAX_ATTEMPTS} attempts: the worker died each time "
+        "(the image may be too large for its memory).",
+    )
     retry = list(stale.filter(attempts__lt=settings.EMBED_MAX_ATTEMPTS).values_list("pk", flat=True)[:10_000])
     if not retry:
         return 0

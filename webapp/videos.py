@@ -313,9 +313,11 @@ def videos_requeue_stale() -> int:
         | Q(status=ImageStatus.PROCESSING,
             updated_at__lt=now - timedelta(seconds=settings.RECONCILE_PROCESSING_AFTER) - allowance)
     )
-    for video_id in stale.filter(attempts__gte=settings.EMBED_MAX_ATTEMPTS).values_list("pk", flat=True):
-        video_mark_failed(video_id=video_id, error=f"Gave up after {settings.EMBED_MAX_ATTEMPTS} attempts: the "
-                          "worker died each time (the video may be too large for its memory).")
+    stale.filter(attempts__gte=settings.EMBED_MAX_ATTEMPTS).update(
+        status=ImageStatus.FAILED, processed_at=now,
+        error=f"Gave up after {settings.EMBED_MAX_ATTEMPTS} attempts: the worker died each time "
+        "(the video may be too large for its memory).",
+    )
     retry = list(stale.filter(attempts__lt=settings.EMBED_MAX_ATTEMPTS).values_list("pk", flat=True)[:1000])
     Video.objects.filter(pk__in=retry).update(status=ImageStatus.PENDING)
     return _enqueue_index(retry)

@@ -63,3 +63,16 @@ def test_retrieval_imports_without_django() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("photo", ["chelsea", "coffee", "camera"])
+def test_the_input_tensor_is_the_backbones_normalisation_of_the_resized_photo(photo: str) -> None:
+    from retrieval.preprocessing import resize_for, to_tensor
+
+    spec = get_backbone("efficientnet_lite0")
+    image = Image.fromarray(getattr(data, photo)())  # camera is greyscale ("L")
+    rgb = np.asarray(resize_for(spec, image.convert("RGB")), dtype=np.float32) / 255.0
+    expected = ((rgb - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32))
+    tensor = to_tensor(spec, image).numpy()
+    assert tensor.shape == (3, *rgb.shape[:2]) and tensor.dtype == np.float32
+    np.testing.assert_array_equal(tensor, expected.transpose(2, 0, 1))

@@ -50,3 +50,19 @@ def test_an_unknown_backbone_is_a_system_check_error() -> None:
     assert result.returncode != 0
     assert "simili.E001" in result.stderr
     assert "efficientnet_lite0" in result.stderr
+
+
+def test_the_web_app_and_the_folder_import_start_without_torch() -> None:
+    # torch costs a second of CPU and hundreds of MB per process; only workers embed.
+    code = (
+        "import sys, django; django.setup();"
+        "import webapp.wsgi, webapp.urls, webapp.views, webapp.api, webapp.admin_pages;"
+        "from django.core.management import load_command_class;"
+        "load_command_class('webapp', 'import_folder');"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))[:5])"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**clean, "DJANGO_SETTINGS_MODULE": "webapp.settings"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
-from retrieval import gan
 from webapp import storage
 from webapp.models import Collection, ImageStatus
+
+if TYPE_CHECKING:
+    from retrieval import gan
 
 logger = logging.getLogger(__name__)
 
@@ -41,25 +44,31 @@ def collection_image_paths(*, collection: Collection) -> list[Path]:
 def collection_gan_train(
     *,
     collection: Collection,
-    epochs: int = gan.EPOCHS,
-    size: int = gan.DEFAULT_SIZE,
-    width: int = gan.WIDTH,
-    batch_size: int = gan.BATCH_SIZE,
+    epochs: int | None = None,
+    size: int | None = None,
+    width: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = False,
 ) -> gan.GanRun:
-    """Train a DCGAN on the collection's ready images, writing into `gan_dir`; no labels needed."""
+    """Train a DCGAN on the collection's ready images, writing into `gan_dir`; no labels needed.
+
+    Unset sizes take `retrieval.gan`'s defaults. torch is imported here, not with the module,
+    so that the web app loads it only if an admin opens a GAN page.
+    """
+    from retrieval import gan
+
     paths = collection_image_paths(collection=collection)
     if not paths:
         raise ValueError(f"collection {collection.key} has no ready image to train a GAN on")
     return gan.train_dcgan(
         paths,
         gan_dir(collection=collection),
-        size=size,
-        width=width,
-        epochs=epochs,
-        batch_size=batch_size,
+        size=gan.DEFAULT_SIZE if size is None else size,
+        width=gan.WIDTH if width is None else width,
+        epochs=gan.EPOCHS if epochs is None else epochs,
+        batch_size=gan.BATCH_SIZE if batch_size is None else batch_size,
         seed=seed,
         source=collection.key,
         description=f"collection “{collection.name}” ({collection.key})",
@@ -80,6 +89,8 @@ class GanState:
 
 def collection_gan_state(*, collection: Collection) -> GanState | None:
     """Return the state of the collection's GAN, or None when none was trained."""
+    from retrieval import gan  # torch, for the admin's GAN pages only
+
     folder = gan_dir(collection=collection)
     saved = gan.read_history(folder)
     if saved is None:

@@ -18,7 +18,7 @@ from django.utils import timezone
 from retrieval import imaging
 from retrieval.errors import ImageRejected, UploadRejected
 from retrieval.reranking import expand_queries, expand_query
-from webapp import pipeline, storage, videos
+from webapp import storage, videos
 from webapp.models import ApiToken, Collection, Embedding, EmbeddingModel, Image, ImageStatus
 
 logger = logging.getLogger(__name__)
@@ -514,6 +514,8 @@ MAX_BATCH_TASKS = 8
 
 def query_embed(*, relative_path: str) -> dict[str, object]:
     """Embed a stored query image (worker side); return its vector and model version key."""
+    from webapp import pipeline  # torch: workers only (the web app and import_folder never load it)
+
     recipe = pipeline.recipe()
     data = storage.media_path(relative_path).read_bytes()
     picture = imaging.load_image(data, min_side=recipe.min_input_side, max_pixels=settings.MAX_IMAGE_PIXELS)

@@ -31,7 +31,7 @@ from django.utils import timezone
 from PIL import Image as PILImage
 
 from retrieval import video as rv
-from webapp import pipeline, storage
+from webapp import storage
 from webapp.models import (
     Collection,
     EmbeddingModel,
@@ -46,6 +46,7 @@ from webapp.selectors import Viewer, can_view_collection
 
 if TYPE_CHECKING:
     from retrieval.video_encoder import VideoEncoder as GRUEncoder
+    from webapp import pipeline
     from webapp.similarity import Scope
 
 logger = logging.getLogger(__name__)
@@ -248,6 +249,8 @@ def _index(video_id: int) -> int:
     except rv.VideoRejected as exc:
         video_mark_failed(video_id=video_id, error=str(exc))
         return 0
+    from webapp import pipeline  # torch: workers only
+
     recipe = pipeline.recipe()
     vectors = _embed_frames(recipe, frames)
     from webapp import embeddings

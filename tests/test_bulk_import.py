@@ -115,3 +115,60 @@ def test_a_claimed_image_is_not_claimed_again_by_its_own_task(owner) -> None:
     assert ingest.images_claim(ids=[image.pk]) == []
     image.refresh_from_db()
     assert (image.status, image.attempts) == (ImageStatus.PROCESSING, 1)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("write_every", [1, 3, 32])
+def test_rows_written_in_batches_are_those_one_by_one_would_write(monkeypatch, owner, tmp_path, photos,
+                                                                 write_every: int) -> None:
+    """Same content twice in a folder, or already in the collection: one row, counted as a duplicate."""
+    from webapp import imports
+
+    monkeypatch.setattr(imports, "WRITE_EVERY", write_every)
+    folder = tmp_path / "pets"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png", "c.webp"):
+        (folder / name).write_bytes(photos[{"a.jpg": "chelsea.jpg", "b.png": "coffee.png"}.get(name, "rocket.webp")])
+    (folder / "d-again.jpg").write_bytes(photos["chelsea.jpg"])
+    out = io.StringIO()
+    call_command("import_folder", str(tmp_path), "--owner", owner.username, "--no-progress", stdout=out)
+    assert "4 file(s): 3 accepted, 1 duplicate(s), 0 rejected" in out.getvalue()
+    rows = sorted(Image.objects.values_list("original_name", "collection__name", "uploaded_by", "mime_type"))
+    assert rows == [("a.jpg", "pets", owner.pk, "image/jpeg"), ("b.png", "pets", owner.pk, "image/png"),
+                    ("c.webp", "pets", owner.pk, "image/webp")]
+
+    (folder / "e.jpg").write_bytes(photos["astronaut.jpg"])
+    again = io.StringIO()
+    call_command("import_folder", str(tmp_path), "--owner", owner.username, "--no-progress", stdout=again)
+    assert "5 file(s): 1 accepted, 4 duplicate(s), 0 rejected" in again.getvalue()
+    assert Image.objects.count() == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_that_loses_a_race_to_an_upload_keeps_the_uploaded_row(monkeypatch, owner, photos) -> None:
+    from webapp import services
+
+    collection = CollectionFactory(owner=owner)
+    items = [(collection, name, services.image_prepare(photos[name])) for name in ("chelsea.jpg", "coffee.png")]
+    real_bulk_create = Image.objects.bulk_create
+    uploaded: list[Image] = []
+
+    def upload_first(objs, *args, **kwargs):
+        # Another request uploads the same photo and commits between the lookup and the insert.
+        def other_request() -> None:
+            try:
+                uploaded.append(services.image_ingest(collection=collection, uploaded_by=owner,
+                                                      data=photos["coffee.png"], name="upload.png", queue=None).image)
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=other_request)
+        thread.start()
+        thread.join()
+        return real_bulk_create(objs, *args, **kwargs)
+
+    monkeypatch.setattr(Image.objects, "bulk_create", upload_first)
+    results = services.images_ingest_prepared(items=items, uploaded_by=owner)
+    assert [(r.image.original_name, r.created) for r in results] == [("chelsea.jpg", True), ("upload.png", False)]
+    assert results[1].image.pk == uploaded[0].pk
+    assert sorted(Image.objects.values_list("original_name", flat=True)) == ["chelsea.jpg", "upload.png"]

@@ -172,3 +172,82 @@ def test_a_batch_that_loses_a_race_to_an_upload_keeps_the_uploaded_row(monkeypat
     assert [(r.image.original_name, r.created) for r in results] == [("chelsea.jpg", True), ("upload.png", False)]
     assert results[1].image.pk == uploaded[0].pk
     assert sorted(Image.objects.values_list("original_name", flat=True)) == ["chelsea.jpg", "upload.png"]
+
+
+@pytest.mark.django_db
+def test_a_batch_never_claims_a_single_upload_until_the_reconciler_hands_it_over(owner, owner_client, photos,
+                                                                                settings) -> None:
+    """A bulk batch took the newest pending rows once it caught up with an import, uploads included,
+    and a single upload then waited seconds for that batch (bench/ingest.py's probe, 2.4-5 s)."""
+    from datetime import timedelta
+
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from django.urls import reverse
+    from django.utils import timezone
+
+    from webapp import services
+
+    collection = CollectionFactory(owner=owner)
+    bulk = {ImageFactory(collection=collection, status=ImageStatus.PENDING).pk for _ in range(5)}
+    response = owner_client.post(reverse("collection_upload", args=[collection.key]),
+                                 {"files": [SimpleUploadedFile("one.jpg", photos["chelsea.jpg"])]},
+                                 HTTP_ACCEPT="application/json")
+    assert response.status_code == 202
+    upload = Image.objects.get(original_name="one.jpg")
+    assert (upload.status, upload.lane) == (ImageStatus.PENDING, "interactive")
+
+    assert {job.image_id for job in ingest.images_claim(limit=50)} == bulk
+    assert ingest.images_claim(limit=50) == []
+
+    # Its message lost: after RECONCILE_PENDING_AFTER the reconciler puts it on the bulk lane.
+    Image.objects.filter(pk=upload.pk).update(
+        enqueued_at=timezone.now() - timedelta(seconds=settings.RECONCILE_PENDING_AFTER + 1))
+    assert services.images_requeue_stale() == 1
+    assert Image.objects.get(pk=upload.pk).lane == "bulk"
+    assert [job.image_id for job in ingest.images_claim(limit=50)] == [upload.pk]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_images_own_task_waits_for_a_row_being_written_instead_of_dropping_it(owner) -> None:
+    image = ImageFactory(collection=CollectionFactory(owner=owner), status=ImageStatus.PENDING,
+                         lane="interactive")
+    locked, release = threading.Event(), threading.Event()
+
+    def writer() -> None:  # another transaction holds the row (the uploader stamping it, say)
+        from django.db import transaction
+
+        try:
+            with transaction.atomic():
+                Image.objects.select_for_update().get(pk=image.pk)
+                locked.set()
+                release.wait(5)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert locked.wait(5)
+    threading.Timer(0.3, release.set).start()
+    claimed = ingest.images_claim(ids=[image.pk])
+    thread.join()
+    assert [job.image_id for job in claimed] == [image.pk]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_upload_is_stamped_queued_before_its_message_exists(monkeypatch, owner, photos) -> None:
+    from webapp import services
+    from webapp.tasks import embed_image
+
+    seen: list[object] = []
+    publish = embed_image.apply_async
+
+    def spy(*args, **kwargs):
+        seen.append(Image.objects.get(pk=kwargs["args"][0]).enqueued_at)
+        return publish(*args, **kwargs)
+
+    monkeypatch.setattr(embed_image, "apply_async", spy)
+    image = services.image_ingest(collection=CollectionFactory(owner=owner), uploaded_by=owner,
+                                  data=photos["chelsea.jpg"], name="one.jpg").image
+    assert len(seen) == 1 and seen[0] is not None
+    image.refresh_from_db()
+    assert image.enqueued_at == seen[0]

@@ -49,16 +49,20 @@ class Decoded:
 
 
 def images_claim(*, ids: Sequence[int] | None = None, limit: int = 1) -> list[Job]:
-    """Mark pending images processing and return them; rows locked by others are skipped."""
+    """Mark pending images processing and return them; rows locked by others are skipped.
+
+    By `ids` (an image's own task), whatever its lane, waiting for a row another transaction is
+    writing: its task exists for that row, and skipping it would drop the message. Otherwise (a
+    batch), bulk-lane images only, skipping rows other batches hold.
+    """
     if ids is not None:
-        where, params = "id = ANY(%s) AND status = 'pending'", [list(ids)]
+        where, params, lock = "id = ANY(%s) AND status = 'pending'", [list(ids)], "FOR UPDATE"
     else:
-        where, params = "status = 'pending'", []
+        where, params, lock = "status = 'pending' AND lane = 'bulk'", [], "FOR UPDATE SKIP LOCKED"
     with connection.cursor() as cursor:
         cursor.execute(
             f"""UPDATE simili_image SET status = 'processing', attempts = attempts + 1, updated_at = now()
-                WHERE id IN (SELECT id FROM simili_image WHERE {where} ORDER BY id
-                             LIMIT %s FOR UPDATE SKIP LOCKED)
+                WHERE id IN (SELECT id FROM simili_image WHERE {where} ORDER BY id LIMIT %s {lock})
                 RETURNING id, collection_id, sha256, file_path, width, height""",
             [*params, int(limit if ids is None else len(ids))],
         )

@@ -115,9 +115,19 @@ class Upload(models.Model):
         return self.status == ImageStatus.READY
 
 
+class Lane(models.TextChoices):
+    """Which workers embed a pending image: its own task on the interactive queue, or any batch."""
+
+    INTERACTIVE = "interactive", "Interactive"
+    BULK = "bulk", "Bulk"
+
+
 class Image(Upload):
     collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="images")
     thumbnail_path = models.CharField(max_length=200, blank=True)
+    # Batch tasks claim only bulk rows: a single upload waits for the interactive worker, never
+    # for the end of a bulk batch (the reconciler moves it to the bulk lane if its task is lost).
+    lane = models.CharField(max_length=16, choices=Lane.choices, default=Lane.BULK)
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -19,7 +19,7 @@ from retrieval import imaging
 from retrieval.errors import ImageRejected, UploadRejected
 from retrieval.reranking import expand_queries, expand_query
 from webapp import storage, videos
-from webapp.models import ApiToken, Collection, Embedding, EmbeddingModel, Image, ImageStatus
+from webapp.models import ApiToken, Collection, Embedding, EmbeddingModel, Image, ImageStatus, Lane
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +150,17 @@ def api_token_touch(*, token: ApiToken) -> None:
 def _enqueue_embed(image_id: int, *, queue: str) -> None:
     from webapp.tasks import embed_image
 
+    # Stamped before the message exists, never after: an UPDATE right after publishing held the
+    # row's lock just as an idle worker claimed it, the claim skipped the locked row, and the
+    # message was spent on nothing (bench/ingest.py's single uploads, 2.4-5 s late or lost).
     # If the broker is down this raises; on_commit(robust=True) logs it, the row stays pending
-    # with enqueued_at NULL, and the reconciler queues it once the broker is back.
-    embed_image.apply_async(args=[image_id], queue=queue)
+    # with enqueued_at NULL again, and the reconciler queues it once the broker is back.
     Image.objects.filter(pk=image_id).update(enqueued_at=timezone.now())
+    try:
+        embed_image.apply_async(args=[image_id], queue=queue)
+    except BaseException:
+        Image.objects.filter(pk=image_id).update(enqueued_at=None)
+        raise
 
 
 def _enqueue_on_commit(image_id: int, *, queue: str) -> None:
@@ -191,8 +198,9 @@ def images_requeue_stale() -> int:
     retry = list(stale.filter(attempts__lt=settings.EMBED_MAX_ATTEMPTS).values_list("pk", flat=True)[:10_000])
     if not retry:
         return 0
-    # Pending again, and stamped: batch tasks claim any pending image, so one task per batch.
-    Image.objects.filter(pk__in=retry).update(status=ImageStatus.PENDING, enqueued_at=now)
+    # Pending again, stamped and on the bulk lane: batch tasks claim any pending bulk image, so
+    # one task per batch, and an upload whose interactive message was lost is picked up too.
+    Image.objects.filter(pk__in=retry).update(status=ImageStatus.PENDING, enqueued_at=now, lane=Lane.BULK)
     try:
         enqueue_bulk_batches(count=len(retry))
     except Exception as exc:  # noqa: BLE001 - the broker is still down; try on the next round
@@ -297,6 +305,7 @@ def image_ingest(
                 width=info.width,
                 height=info.height,
                 byte_size=len(prepared.data),
+                lane=Lane.INTERACTIVE if queue == INTERACTIVE_QUEUE else Lane.BULK,
             )
             if queue is not None:
                 _enqueue_on_commit(image.pk, queue=queue)
@@ -403,7 +412,7 @@ def image_reembed(*, image_ids: list[int]) -> int:
     """Mark images pending and queue them on the bulk queue; return how many were queued."""
     ids = list(Image.objects.filter(pk__in=image_ids).values_list("pk", flat=True))
     with transaction.atomic():
-        Image.objects.filter(pk__in=ids).update(status=ImageStatus.PENDING, error="", attempts=0)
+        Image.objects.filter(pk__in=ids).update(status=ImageStatus.PENDING, error="", attempts=0, lane=Lane.BULK)
         # A vector row exists only while its image is searchable: the similarity query then
         # reads one table and skips nothing (docs/search.md).
         Embedding.objects.filter(image_id__in=ids).delete()

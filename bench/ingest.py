@@ -21,6 +21,7 @@ import argparse
 import io
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Seconds a single upload may take before the run stops and says so (its target is 2).
+PROBE_TIMEOUT = 60
 
 
 def generate(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
@@ -165,11 +168,14 @@ def batched(folder: Path, paths: list[Path], owner, log: Path, probe: Path | Non
                 image = services.image_ingest(collection=probes, uploaded_by=owner, data=data, name="probe.jpg").image
                 stored = time.perf_counter()
                 while (row := Image.objects.get(pk=image.pk)).status not in (ImageStatus.READY, ImageStatus.FAILED):
+                    if time.perf_counter() - sent > PROBE_TIMEOUT:
+                        raise SystemExit(f"a single upload was not ready after {PROBE_TIMEOUT} s (row {row.pk}, "
+                                         f"{row.status}, enqueued {row.enqueued_at}, {row.attempts} attempt(s))")
                     time.sleep(0.02)
                 latencies.append(time.perf_counter() - sent)
                 print(f"  probe at {sent - started:.1f} s: {latencies[-1]:.2f} s (upload {stored - sent:.2f} s, "
-                      f"claimed +{(row.updated_at - row.created_at).total_seconds():.2f} s, "
-                      f"ready +{(row.processed_at - row.created_at).total_seconds():.2f} s)", flush=True)
+                      f"ready +{(row.processed_at - row.created_at).total_seconds():.2f} s after its row, "
+                      f"{row.lane} lane)", flush=True)
                 next_probe = time.perf_counter() + 1
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
@@ -355,6 +361,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
+    # A `timeout` (SIGTERM) runs the `finally` blocks that stop the workers, PostgreSQL and Redis.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, help="a folder of images (e.g. Corel-1k); default: generate JPEGs")
     parser.add_argument("--count", type=int, default=1000, help="JPEGs to generate (default 1000)")

@@ -11,10 +11,13 @@ VNNI CPU, Corel-1k mAP 0.8630 instead of 0.8658 (docs/quality.md).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -243,15 +246,34 @@ def load(spec: BackboneSpec, model: FeatureModel, cache_dir: Path, *, precision:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
     path = onnx_path(cache_dir, spec)
-    if not path.exists():
-        export(model, path, input_size=spec.input_size)
+    quantized = onnx_path(cache_dir, spec, precision="int8")
+    if not path.exists() or (precision == "int8" and not quantized.exists()):
+        # One process makes the files, the others wait and load them: `serve` starts several
+        # workers at once on a fresh cache, and ONNX Runtime's quantiser writes a fixed
+        # "<model>-inferred.onnx" beside its input, which a second quantiser overwrote while the
+        # first read it ("Wire format was corrupt" at a bulk worker's start).
+        with _exclusive(cache_dir / f"{path.stem}.lock"):
+            if not path.exists():
+                export(model, path, input_size=spec.input_size)
+            if precision == "int8" and not quantized.exists():
+                try:
+                    quantize(path, quantized, spec=spec)
+                except ImportError as exc:
+                    logger.warning("int8 asked for, but ONNX Runtime's quantisation is unavailable (%s): "
+                                   "running fp32", exc)
+                    return OnnxModel(path)
     if precision == "int8":
-        quantized = onnx_path(cache_dir, spec, precision="int8")
-        if not quantized.exists():
-            try:
-                quantize(path, quantized, spec=spec)
-            except ImportError as exc:
-                logger.warning("int8 asked for, but ONNX Runtime's quantisation is unavailable (%s): running fp32", exc)
-                return OnnxModel(path)
         return OnnxModel(quantized, precision="int8")
     return OnnxModel(path)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `lock_path` (created if need be) across processes."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

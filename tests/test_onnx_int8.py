@@ -127,3 +127,29 @@ def test_the_evaluation_embeds_in_onnx_runtime_only_the_backbones_own_recipe(tmp
                                      onnx_cache=tmp_path)
     with pytest.raises(ValueError, match="only the backbone's own recipe"):
         features.vectors(EmbeddingConfig.for_backbone(spec, pooling="gem"))
+
+
+def test_workers_starting_together_on_a_fresh_cache_all_get_the_int8_model(tmp_path: Path) -> None:
+    """`serve` starts several workers at once; each must load a whole model, made by one of them."""
+    import subprocess
+
+    code = (
+        "import sys, hashlib, logging, numpy as np; logging.basicConfig(level=logging.INFO);"
+        "from retrieval import onnx_runtime; from retrieval.backbones import get_backbone;"
+        "spec = get_backbone('efficientnet_lite0'); model = spec.load().eval();"
+        "session = onnx_runtime.load(spec, model, __import__('pathlib').Path(sys.argv[1]), precision='int8');"
+        "out = session(np.ones((1, 3, 224, 224), np.float32))[0];"
+        "print(session.precision, hashlib.sha256(np.round(out, 5).tobytes()).hexdigest())"
+    )
+    root = Path(__file__).resolve().parent.parent
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=root, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [worker.communicate(timeout=300) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0, 0], [err[-2000:] for _, err in results]
+    logs = "".join(err for _, err in results)
+    assert logs.count("exported EfficientNet") == 1 and logs.count("quantised") == 1, logs[-3000:]
+    answers = {out.strip() for out, _ in results}
+    assert len(answers) == 1 and answers.pop().startswith("int8 ")
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == sorted(
+        [onnx_runtime.onnx_path(tmp_path, get_backbone("efficientnet_lite0")).name,
+         onnx_runtime.onnx_path(tmp_path, get_backbone("efficientnet_lite0"), precision="int8").name])

@@ -66,3 +66,12 @@ def test_the_web_app_and_the_folder_import_start_without_torch() -> None:
                             env={**clean, "DJANGO_SETTINGS_MODULE": "webapp.settings"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+    # Running the command, as an operator does (the system checks load backbones with torch).
+    code = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules));"
+            "from django.core.management import execute_from_command_line;"
+            "execute_from_command_line(['manage.py', 'import_folder', '/nonexistent', '--owner', 'x'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**clean, "DJANGO_SETTINGS_MODULE": "webapp.settings"})
+    assert "/nonexistent is not a folder" in result.stderr
+    assert result.stdout.strip() == "False"

@@ -22,6 +22,9 @@ from webapp.models import Collection, Image, ImageStatus, Visibility
 
 class Command(BaseCommand):
     help = "Import images from a folder tree into collections (one per sub-folder, or --collection)."
+    # No system checks: the backbone check loads torch (about 1 s of CPU) to validate
+    # EMBEDDING_BACKBONE, which an import never uses; serve, check and the workers run it.
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("folder", type=Path)

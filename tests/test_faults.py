@@ -77,8 +77,11 @@ def test_a_worker_killed_mid_task_loses_no_image(fast_worker, owner_client, phot
     # The first task loads the CNN (seconds): the image sits in "processing" meanwhile.
     _wait(lambda: Image.objects.filter(status=ImageStatus.PROCESSING).exists(), 60, "a task in progress")
     fast_worker.kill()
+    # One upload's own task, or, when the worker took longer than RECONCILE_PENDING_AFTER (3 s
+    # here) to start, a batch the reconciler queued for the whole backlog: either way some
+    # images are claimed by a process that is now dead.
     in_flight = Image.objects.filter(status=ImageStatus.PROCESSING).count()
-    assert in_flight == 1
+    assert in_flight >= 1
     assert Image.objects.filter(status=ImageStatus.READY).count() < len(files)
 
     fast_worker.start(wait=False, **FAST_RECONCILE)

@@ -133,9 +133,11 @@ def test_rows_written_in_batches_are_those_one_by_one_would_write(monkeypatch, o
     out = io.StringIO()
     call_command("import_folder", str(tmp_path), "--owner", owner.username, "--no-progress", stdout=out)
     assert "4 file(s): 3 accepted, 1 duplicate(s), 0 rejected" in out.getvalue()
-    rows = sorted(Image.objects.values_list("original_name", "collection__name", "uploaded_by", "mime_type"))
-    assert rows == [("a.jpg", "pets", owner.pk, "image/jpeg"), ("b.png", "pets", owner.pk, "image/png"),
-                    ("c.webp", "pets", owner.pk, "image/webp")]
+    rows = sorted(Image.objects.values_list("original_name", "collection__name", "uploaded_by", "mime_type",
+                                            "byte_size"))
+    assert rows == [("a.jpg", "pets", owner.pk, "image/jpeg", len(photos["chelsea.jpg"])),
+                    ("b.png", "pets", owner.pk, "image/png", len(photos["coffee.png"])),
+                    ("c.webp", "pets", owner.pk, "image/webp", len(photos["rocket.webp"]))]
 
     (folder / "e.jpg").write_bytes(photos["astronaut.jpg"])
     again = io.StringIO()
@@ -251,3 +253,23 @@ def test_an_upload_is_stamped_queued_before_its_message_exists(monkeypatch, owne
     assert len(seen) == 1 and seen[0] is not None
     image.refresh_from_db()
     assert image.enqueued_at == seen[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_whose_write_fails_leaves_no_file_behind(monkeypatch, owner, photos) -> None:
+    from django.db import OperationalError
+
+    from webapp import services, storage
+
+    collection = CollectionFactory(owner=owner)
+    items = [(collection, name, services.image_prepare(photos[name])) for name in ("chelsea.jpg", "coffee.png")]
+    paths = [storage.media_path(prepared.file_path) for _, _, prepared in items]
+    assert all(path.is_file() for path in paths)
+
+    def connection_lost(*args, **kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(Image.objects, "bulk_create", connection_lost)
+    with pytest.raises(OperationalError):
+        services.images_ingest_prepared(items=items, uploaded_by=owner)
+    assert not any(path.exists() for path in paths) and not Image.objects.exists()

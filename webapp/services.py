@@ -248,9 +248,12 @@ def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """An image validated and its original stored: what an ingest needs before the database."""
+    """An image validated and its original stored: what an ingest needs before the database.
 
-    data: bytes
+    Not the bytes: a bulk import holds a batch of these before writing their rows.
+    """
+
+    byte_size: int
     info: imaging.ImageInfo
     sha256: str
     file_path: str
@@ -268,7 +271,7 @@ def image_prepare(data: bytes, *, decode: bool = True) -> PreparedImage:
     sha256 = hashlib.sha256(data).hexdigest()
     relative = storage.content_path("originals", sha256, info.extension)
     storage.write_or_keep(relative, data)
-    return PreparedImage(data=data, info=info, sha256=sha256, file_path=relative)
+    return PreparedImage(byte_size=len(data), info=info, sha256=sha256, file_path=relative)
 
 
 def image_ingest(
@@ -304,7 +307,7 @@ def image_ingest(
                 mime_type=info.mime,
                 width=info.width,
                 height=info.height,
-                byte_size=len(prepared.data),
+                byte_size=prepared.byte_size,
                 lane=Lane.INTERACTIVE if queue == INTERACTIVE_QUEUE else Lane.BULK,
             )
             if queue is not None:
@@ -330,11 +333,9 @@ def images_ingest_prepared(
     """
     user = uploaded_by if uploaded_by is not None and uploaded_by.is_authenticated else None
     wanted = {(collection.pk, prepared.sha256) for collection, _, prepared in items}
-    known = {
-        (image.collection_id, image.sha256): image
-        for image in Image.objects.filter(sha256__in={sha for _, sha in wanted})
-        if (image.collection_id, image.sha256) in wanted
-    }
+    found = Image.objects.filter(collection_id__in={pk for pk, _ in wanted}, sha256__in={sha for _, sha in wanted})
+    known = {(image.collection_id, image.sha256): image for image in found
+             if (image.collection_id, image.sha256) in wanted}
     results, new = [], []
     for collection, name, prepared in items:
         pair = (collection.pk, prepared.sha256)
@@ -343,7 +344,7 @@ def images_ingest_prepared(
             continue
         image = Image(collection=collection, uploaded_by=user, sha256=prepared.sha256, file_path=prepared.file_path,
                       original_name=_display_name(name), mime_type=prepared.info.mime, width=prepared.info.width,
-                      height=prepared.info.height, byte_size=len(prepared.data))
+                      height=prepared.info.height, byte_size=prepared.byte_size)
         known[pair] = image
         new.append(image)
         results.append(IngestResult(image, created=True))
@@ -353,6 +354,9 @@ def images_ingest_prepared(
     except IntegrityError:
         return [image_ingest(collection=collection, uploaded_by=uploaded_by, name=name, queue=None,
                              prepared=prepared) for collection, name, prepared in items]
+    except BaseException:
+        delete_unreferenced_many([image.file_path for image in new])  # as image_ingest does for one
+        raise
     return results
 
 

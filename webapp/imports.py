@@ -163,9 +163,10 @@ def import_files(
     IMPORT_THREADS threads read, check and store the files (`services.image_prepare`; a JPEG
     whose structure is complete is not decoded here: the worker decodes it once, for its
     thumbnail and its vector, and records a failure on the row) while this thread writes the
-    rows in order, WRITE_EVERY per transaction, and queues a batch task every QUEUE_EVERY of them. Rows commit without
-    waiting for the WAL flush: a crash loses at most the last fraction of a second of them, and
-    running the import again adds them (files already in their collection are skipped).
+    rows in order, WRITE_EVERY per transaction, and queues a batch task every QUEUE_EVERY of
+    them. Rows commit without waiting for the WAL flush: a crash loses at most the last
+    fraction of a second of them, and running the import again adds them (files already in
+    their collection are skipped).
     """
     summary = ImportSummary()
     pending: deque[tuple[str, Path, Collection, Future[services.PreparedImage]]] = deque()

@@ -291,25 +291,14 @@ def image_ingest(
     passes what `image_prepare` made of the bytes (in its threads) instead of the bytes.
     """
     prepared = prepared or image_prepare(data)
-    info, sha256, relative = prepared.info, prepared.sha256, prepared.file_path
+    sha256, relative = prepared.sha256, prepared.file_path
     existing = Image.objects.filter(collection=collection, sha256=sha256).first()
     if existing is not None:
         return IngestResult(existing, created=False)
-    user = uploaded_by if uploaded_by is not None and uploaded_by.is_authenticated else None
     try:
         with transaction.atomic():
-            image = Image.objects.create(
-                collection=collection,
-                uploaded_by=user,
-                sha256=sha256,
-                file_path=relative,
-                original_name=_display_name(name),
-                mime_type=info.mime,
-                width=info.width,
-                height=info.height,
-                byte_size=prepared.byte_size,
-                lane=Lane.INTERACTIVE if queue == INTERACTIVE_QUEUE else Lane.BULK,
-            )
+            image = _new_image(collection, uploaded_by, name, prepared, interactive=queue == INTERACTIVE_QUEUE)
+            image.save(force_insert=True)
             if queue is not None:
                 _enqueue_on_commit(image.pk, queue=queue)
     except IntegrityError:
@@ -331,7 +320,6 @@ def images_ingest_prepared(
     returns that image. If a concurrent upload wins a race for one of them, every item goes
     through `image_ingest` instead, which resolves it row by row.
     """
-    user = uploaded_by if uploaded_by is not None and uploaded_by.is_authenticated else None
     wanted = {(collection.pk, prepared.sha256) for collection, _, prepared in items}
     found = Image.objects.filter(collection_id__in={pk for pk, _ in wanted}, sha256__in={sha for _, sha in wanted})
     known = {(image.collection_id, image.sha256): image for image in found
@@ -342,9 +330,7 @@ def images_ingest_prepared(
         if pair in known:
             results.append(IngestResult(known[pair], created=False))
             continue
-        image = Image(collection=collection, uploaded_by=user, sha256=prepared.sha256, file_path=prepared.file_path,
-                      original_name=_display_name(name), mime_type=prepared.info.mime, width=prepared.info.width,
-                      height=prepared.info.height, byte_size=prepared.byte_size)
+        image = _new_image(collection, uploaded_by, name, prepared, interactive=False)
         known[pair] = image
         new.append(image)
         results.append(IngestResult(image, created=True))
@@ -358,6 +344,16 @@ def images_ingest_prepared(
         delete_unreferenced_many([image.file_path for image in new])  # as image_ingest does for one
         raise
     return results
+
+
+def _new_image(collection: Collection, uploaded_by: AbstractBaseUser | AnonymousUser | None, name: str,
+               prepared: PreparedImage, *, interactive: bool) -> Image:
+    """The unsaved row of a prepared image, on the interactive lane or the bulk one."""
+    user = uploaded_by if uploaded_by is not None and uploaded_by.is_authenticated else None
+    return Image(collection=collection, uploaded_by=user, sha256=prepared.sha256, file_path=prepared.file_path,
+                 original_name=_display_name(name), mime_type=prepared.info.mime, width=prepared.info.width,
+                 height=prepared.info.height, byte_size=prepared.byte_size,
+                 lane=Lane.INTERACTIVE if interactive else Lane.BULK)
 
 
 def _display_name(name: str) -> str:

@@ -17,7 +17,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
 from webapp import imports, services
-from webapp.models import Collection, Image, ImageStatus, Visibility
+from webapp.models import Collection, Image, ImageStatus, Lane, Visibility
 
 
 class Command(BaseCommand):
@@ -55,10 +55,12 @@ class Command(BaseCommand):
                  for path in files),
                 owner=owner, on_file=lambda: bar.update(1),
             )
-        # Also whatever an interrupted earlier run left pending.
-        leftover = Image.objects.filter(collection__in=self._touched(target, collections), status=ImageStatus.PENDING)
-        if leftover.exists():
-            services.enqueue_bulk_batches(count=leftover.count())
+        # Also whatever an interrupted earlier run left pending: batches for the rows beyond this
+        # run's own, for which import_files queued batches already.
+        leftover = Image.objects.filter(collection__in=self._touched(target, collections), status=ImageStatus.PENDING,
+                                        lane=Lane.BULK).count() - summary.accepted
+        if leftover > 0:
+            services.enqueue_bulk_batches(count=leftover)
         self.stdout.write(
             f"{len(files)} file(s): {summary.accepted} accepted, {summary.duplicates} duplicate(s), "
             f"{len(summary.rejected)} rejected, into {len(self._touched(target, collections))} collection(s)."

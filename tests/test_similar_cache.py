@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from django.core.cache import cache
 from django.db import connection, transaction
@@ -49,13 +51,19 @@ def library():
     return version, collection, me, others, base
 
 
-def test_a_second_request_is_answered_from_the_cache(anonymous_client, library, searches) -> None:
-    _, _, me, others, _ = library
+def visit_twice(fetch, searches) -> tuple[Any, Any, CaptureQueriesContext, CaptureQueriesContext, int]:
+    """Fetch twice; return both answers, the queries of each, and the searches the first made."""
     with CaptureQueriesContext(connection) as first:
-        keys = similar_keys(anonymous_client, me)
+        before = fetch()
     made = len(searches)
     with CaptureQueriesContext(connection) as second:
-        again = similar_keys(anonymous_client, me)
+        after = fetch()
+    return before, after, first, second, made
+
+
+def test_a_second_request_is_answered_from_the_cache(anonymous_client, library, searches) -> None:
+    _, _, me, others, _ = library
+    keys, again, first, second, made = visit_twice(lambda: similar_keys(anonymous_client, me), searches)
     assert sorted(keys) == sorted(o.key for o in others)
     assert again == keys
     assert made >= 1
@@ -121,11 +129,7 @@ def page_similar(client, image) -> list[tuple[str, str]]:
 
 def test_a_repeat_page_view_reuses_the_rendered_section(anonymous_client, library, searches) -> None:
     _, _, me, others, _ = library
-    with CaptureQueriesContext(connection) as first:
-        shown = page_similar(anonymous_client, me)
-    made = len(searches)
-    with CaptureQueriesContext(connection) as second:
-        again = page_similar(anonymous_client, me)
+    shown, again, first, second, made = visit_twice(lambda: page_similar(anonymous_client, me), searches)
     assert sorted(key for key, _ in shown) == sorted(o.key for o in others)
     assert again == shown and len(searches) == made
     # The rows' images are neither loaded nor rendered again: one query checks what they show.

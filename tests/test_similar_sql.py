@@ -107,3 +107,30 @@ def test_each_model_version_has_a_partial_hnsw_cosine_index(admin_user) -> None:
         assert "USING hnsw" in indexdef
         assert "halfvec_cosine_ops" in indexdef
         assert f"model_version_id = {version.pk}" in indexdef
+
+
+def test_result_rows_load_as_the_orm_would_load_them(django_assert_num_queries) -> None:
+    """`images_with_collections` skips the queryset, not a field: every value equals the ORM's."""
+    from django.forms.models import model_to_dict
+
+    from webapp.models import Image
+
+    first, second = CollectionFactory(description="one"), CollectionFactory(name="two")
+    images = [ImageFactory(collection=first), ImageFactory(collection=second, original_name="b.png")]
+    images[1].error = "a reason"
+    images[1].save()
+    wanted = [image.pk for image in images] + [10**12]  # an id with no row is simply absent
+
+    loaded = sim.images_with_collections(wanted)
+
+    expected = Image.objects.select_related("collection").in_bulk(wanted)
+    assert sorted(loaded) == sorted(expected) == sorted(image.pk for image in images)
+    for pk, image in expected.items():
+        fields = [f.attname for f in Image._meta.concrete_fields]
+        assert [getattr(loaded[pk], name) for name in fields] == [getattr(image, name) for name in fields]
+        assert model_to_dict(loaded[pk].collection) == model_to_dict(image.collection)
+        assert loaded[pk].collection.created_at == image.collection.created_at
+        assert not loaded[pk]._state.adding and loaded[pk]._state.db == "default"
+    with django_assert_num_queries(0):
+        assert loaded[images[1].pk].collection.name == "two"  # cached: no query to read it
+

@@ -305,9 +305,7 @@ def _collapse(hits: list[Hit], *, version: EmbeddingModel, k: int) -> list[tuple
             (min(ids[i], ids[j]), max(ids[i], ids[j])) for i, j in close
             if ids[i] in raw and ids[j] in raw and 1.0 - float(raw[ids[i]] @ raw[ids[j]]) < threshold
         }
-    for first, second, status in NearDuplicate.objects.filter(first_id__in=ids, second_id__in=ids).values_list(
-        "first_id", "second_id", "status"
-    ):
+    for first, second, status in _pairs(ids):
         if status == NearDuplicate.Status.DISMISSED:
             duplicates.discard((first, second))
         else:
@@ -320,6 +318,19 @@ def _collapse(hits: list[Hit], *, version: EmbeddingModel, k: int) -> list[tuple
         if len(kept) == k:
             break
     return kept
+
+
+def _pairs(image_ids: Sequence[int]) -> list[tuple[int, int, str]]:
+    """Return the recorded near-duplicate pairs among these images: (first id, second id, status).
+
+    Raw SQL on the search's hot path: the same query through the ORM costs about 1 ms more of
+    compiling than PostgreSQL takes to answer it (docs/benchmarks.md).
+    """
+    table = NearDuplicate._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT first_id, second_id, status FROM {table} "
+                       "WHERE first_id = ANY(%s) AND second_id = ANY(%s)", [list(image_ids), list(image_ids)])
+        return [(int(first), int(second), str(status)) for first, second, status in cursor.fetchall()]
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
@@ -388,7 +399,7 @@ def _similar_images(rows: Sequence[tuple[int, float]], scope: Scope) -> list[Sim
     The SQL already filtered on the scope; the check here is what keeps a cached list from
     showing an image that has since left the viewer's collections or stopped being ready.
     """
-    images = Image.objects.select_related("collection").in_bulk([image_id for image_id, _ in rows])
+    images = images_with_collections([image_id for image_id, _ in rows])
     allowed = None if scope.collection_ids is None else set(scope.collection_ids)
     excluded = set(scope.exclude_image_ids)
     return [
@@ -397,6 +408,55 @@ def _similar_images(rows: Sequence[tuple[int, float]], scope: Scope) -> list[Sim
         if image_id in images and images[image_id].is_ready and image_id not in excluded
         and (allowed is None or images[image_id].collection_id in allowed)
     ]
+
+
+@dataclass(frozen=True)
+class _RowLoader:
+    sql: str
+    image_names: list[str]
+    collection_names: list[str]
+
+
+_ROW_LOADER: _RowLoader | None = None
+
+
+def _row_loader() -> _RowLoader:
+    global _ROW_LOADER
+    if _ROW_LOADER is None:
+        image_fields, collection_fields = Image._meta.concrete_fields, Collection._meta.concrete_fields
+        columns = [f'i."{f.column}"' for f in image_fields] + [f'c."{f.column}"' for f in collection_fields]
+        _ROW_LOADER = _RowLoader(
+            sql=(f"SELECT {', '.join(columns)} FROM {Image._meta.db_table} i "
+                 f"JOIN {Collection._meta.db_table} c ON c.id = i.collection_id WHERE i.id = ANY(%s)"),
+            image_names=[f.attname for f in image_fields],
+            collection_names=[f.attname for f in collection_fields],
+        )
+    return _ROW_LOADER
+
+
+def images_with_collections(image_ids: Sequence[int]) -> dict[int, Image]:
+    """Return images by id with their collections loaded, as `select_related("collection")` would.
+
+    One statement and `Model.from_db`, as the ORM builds rows, but without compiling a
+    queryset per call: on the search's hot path that compiling cost more than the query (2.1 ms
+    against 0.7 for ten rows, docs/benchmarks.md). None of the two models' fields converts its
+    database value (test_similar_sql checks the objects equal the ORM's).
+    """
+    if not image_ids:
+        return {}
+    loader = _row_loader()
+    with connection.cursor() as cursor:
+        cursor.execute(loader.sql, [[int(i) for i in image_ids]])
+        rows = cursor.fetchall()
+    split = len(loader.image_names)
+    collection_field = Image._meta.get_field("collection")
+    images: dict[int, Image] = {}
+    for row in rows:
+        image = Image.from_db(connection.alias, loader.image_names, row[:split])
+        collection_field.set_cached_value(image, Collection.from_db(connection.alias, loader.collection_names,
+                                                                    row[split:]))
+        images[image.pk] = image
+    return images
 
 
 def vector_similar(

@@ -14,6 +14,7 @@ picks the plan (docs/search.md):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -410,28 +411,14 @@ def _similar_images(rows: Sequence[tuple[int, float]], scope: Scope) -> list[Sim
     ]
 
 
-@dataclass(frozen=True)
-class _RowLoader:
-    sql: str
-    image_names: list[str]
-    collection_names: list[str]
-
-
-_ROW_LOADER: _RowLoader | None = None
-
-
-def _row_loader() -> _RowLoader:
-    global _ROW_LOADER
-    if _ROW_LOADER is None:
-        image_fields, collection_fields = Image._meta.concrete_fields, Collection._meta.concrete_fields
-        columns = [f'i."{f.column}"' for f in image_fields] + [f'c."{f.column}"' for f in collection_fields]
-        _ROW_LOADER = _RowLoader(
-            sql=(f"SELECT {', '.join(columns)} FROM {Image._meta.db_table} i "
-                 f"JOIN {Collection._meta.db_table} c ON c.id = i.collection_id WHERE i.id = ANY(%s)"),
-            image_names=[f.attname for f in image_fields],
-            collection_names=[f.attname for f in collection_fields],
-        )
-    return _ROW_LOADER
+@functools.cache
+def _row_loader() -> tuple[str, list[str], list[str]]:
+    """Return the SQL that loads images with their collections, and each model's attribute names."""
+    image_fields, collection_fields = Image._meta.concrete_fields, Collection._meta.concrete_fields
+    columns = [f'i."{f.column}"' for f in image_fields] + [f'c."{f.column}"' for f in collection_fields]
+    sql = (f"SELECT {', '.join(columns)} FROM {Image._meta.db_table} i "
+           f"JOIN {Collection._meta.db_table} c ON c.id = i.collection_id WHERE i.id = ANY(%s)")
+    return sql, [f.attname for f in image_fields], [f.attname for f in collection_fields]
 
 
 def images_with_collections(image_ids: Sequence[int]) -> dict[int, Image]:
@@ -439,22 +426,21 @@ def images_with_collections(image_ids: Sequence[int]) -> dict[int, Image]:
 
     One statement and `Model.from_db`, as the ORM builds rows, but without compiling a
     queryset per call: on the search's hot path that compiling cost more than the query (2.1 ms
-    against 0.7 for ten rows, docs/benchmarks.md). None of the two models' fields converts its
+    against 0.7 for ten rows, docs/benchmarks.md). Neither model has a field that converts its
     database value (test_similar_sql checks the objects equal the ORM's).
     """
     if not image_ids:
         return {}
-    loader = _row_loader()
+    sql, image_names, collection_names = _row_loader()
     with connection.cursor() as cursor:
-        cursor.execute(loader.sql, [[int(i) for i in image_ids]])
+        cursor.execute(sql, [[int(i) for i in image_ids]])
         rows = cursor.fetchall()
-    split = len(loader.image_names)
+    split = len(image_names)
     collection_field = Image._meta.get_field("collection")
     images: dict[int, Image] = {}
     for row in rows:
-        image = Image.from_db(connection.alias, loader.image_names, row[:split])
-        collection_field.set_cached_value(image, Collection.from_db(connection.alias, loader.collection_names,
-                                                                    row[split:]))
+        image = Image.from_db(connection.alias, image_names, row[:split])
+        collection_field.set_cached_value(image, Collection.from_db(connection.alias, collection_names, row[split:]))
         images[image.pk] = image
     return images
 

@@ -117,12 +117,15 @@ def test_only_owner_and_admins_update_and_delete(api, public, owner_auth, outsid
     assert not Collection.objects.filter(pk=public.pk).exists()
 
 
-def test_deleting_a_collection_removes_its_files(api, owner, owner_client, owner_auth, photos) -> None:
+def test_deleting_a_collection_removes_its_files(
+    api, owner, owner_client, owner_auth, photos, django_capture_on_commit_callbacks
+) -> None:
     collection = CollectionFactory(owner=owner)
     upload = SimpleUploadedFile("cat.jpg", photos["chelsea.jpg"])
     api.post(f"/api/v1/collections/{collection.key}/images", {"files": [upload]}, **owner_auth)
     assert len(media_files()) == 1
-    assert api.delete(f"/api/v1/collections/{collection.key}", **owner_auth).status_code == 204
+    with django_capture_on_commit_callbacks(execute=True):  # the files go once the deletion commits
+        assert api.delete(f"/api/v1/collections/{collection.key}", **owner_auth).status_code == 204
     assert media_files() == []
     assert Image.objects.count() == 0
 
@@ -176,7 +179,7 @@ def test_image_list_paginates_and_filters_by_status(api, public, settings) -> No
     _error(api.get(f"/api/v1/collections/{public.key}/images", {"status": "weird"}), 400, "invalid_request")
 
 
-def test_image_detail_and_delete(api, public, owner_auth, outsider_auth) -> None:
+def test_image_detail_and_delete(api, public, owner_auth, outsider_auth, django_capture_on_commit_callbacks) -> None:
     image = ImageFactory(collection=public)
     storage.write_atomic(image.file_path, b"original")
     storage.write_atomic(image.thumbnail_path, b"thumb")
@@ -185,7 +188,8 @@ def test_image_detail_and_delete(api, public, owner_auth, outsider_auth) -> None
     assert body["original_url"].endswith(f"/media/i/{image.key}/original")
     assert body["thumbnail_url"].endswith(f"/media/i/{image.key}/thumbnail")
     _error(api.delete(f"/api/v1/images/{image.key}", **outsider_auth), 403, "forbidden")
-    assert api.delete(f"/api/v1/images/{image.key}", **owner_auth).status_code == 204
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api.delete(f"/api/v1/images/{image.key}", **owner_auth).status_code == 204
     assert media_files() == []
     _error(api.get(f"/api/v1/images/{image.key}"), 404, "not_found")
 

@@ -96,7 +96,7 @@ def test_an_editor_uploads_into_the_shared_collection(editor_client, outsider_cl
 
 
 def test_an_editor_deletes_an_image_but_an_outsider_cannot(
-    editor_client, outsider_client, owner, photos, editor
+    editor_client, outsider_client, owner, photos, editor, django_capture_on_commit_callbacks
 ) -> None:
     public = CollectionFactory(owner=owner, visibility=Visibility.PUBLIC)
     CollectionEditor.objects.create(collection=public, user=editor)
@@ -104,7 +104,8 @@ def test_an_editor_deletes_an_image_but_an_outsider_cannot(
     storage.write_atomic(image.file_path, photos["chelsea.jpg"])
     assert outsider_client.post(reverse("image_delete", args=[image.key])).status_code == 404
     assert Image.objects.filter(pk=image.pk).exists()
-    response = editor_client.post(reverse("image_delete", args=[image.key]))
+    with django_capture_on_commit_callbacks(execute=True):
+        response = editor_client.post(reverse("image_delete", args=[image.key]))
     assert response.status_code == 302 and response["Location"] == public.get_absolute_url()
     assert not Image.objects.filter(pk=image.pk).exists()
     assert not storage.media_path(image.file_path).exists()

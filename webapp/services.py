@@ -111,14 +111,13 @@ def collection_update(*, collection: Collection, **fields: str) -> Collection:
 
 
 def collection_delete(*, collection: Collection) -> None:
-    """Delete a collection with its images, videos, vectors and every file no other row uses."""
-    paths = list(collection.images.values_list("file_path", "thumbnail_path"))
+    """Delete a collection with its images, videos and vectors; once that commits, every file no
+    other row uses."""
+    paths = [path for pair in collection.images.values_list("file_path", "thumbnail_path") for path in pair]
     for video in collection.videos.all():
         videos.video_delete(video=video)
     collection.delete()
-    for original, thumbnail in paths:
-        delete_unreferenced(original)
-        delete_unreferenced(thumbnail)
+    delete_unreferenced_on_commit(paths)
 
 
 def api_token_create(*, user: AbstractBaseUser, name: str) -> tuple[ApiToken, str]:
@@ -391,13 +390,22 @@ def delete_unreferenced_many(paths: Sequence[str]) -> None:
             storage.delete("thumbnails-small/" + relative.split("/", 1)[1])
 
 
+def delete_unreferenced_on_commit(paths: Sequence[str]) -> None:
+    """Once the current transaction commits, delete those of `paths` that no row uses then.
+
+    A rolled-back deletion (the admin deletes in a transaction) keeps its rows and files
+    together; outside a transaction the files go at once.
+    """
+    wanted = list(paths)
+    transaction.on_commit(lambda: delete_unreferenced_many(wanted), robust=True)
+
+
 def image_delete(*, image: Image) -> None:
-    """Delete an image with its embeddings, and its files unless another row shares them."""
+    """Delete an image with its embeddings; its files once that commits, unless a row shares them."""
     paths = [image.file_path, image.thumbnail_path]
     collection_id = image.collection_id
     image.delete()
-    for relative in paths:
-        delete_unreferenced(relative)
+    delete_unreferenced_on_commit(paths)
     schedule_augment(collection_id)
 
 

@@ -331,12 +331,12 @@ def video_delete(*, video: Video) -> None:
 
     The files go once the deletion commits: a rolled-back deletion keeps rows and files together.
     """
-    from webapp.services import delete_unreferenced_many
+    from webapp.services import delete_unreferenced_on_commit
 
     paths = [video.file_path, video.poster_path, video.strip_path,
              *video.frames.values_list("thumbnail_path", flat=True)]
     video.delete()
-    transaction.on_commit(lambda: delete_unreferenced_many(paths))
+    delete_unreferenced_on_commit(paths)
 
 
 def paths_referenced(paths: Sequence[str]) -> set[str]:

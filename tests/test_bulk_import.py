@@ -57,6 +57,37 @@ def test_a_folder_tree_becomes_collections_embedded_in_batches(celery_worker_pro
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.worker
+def test_an_admin_re_embeds_a_collection_through_batch_tasks(
+    celery_worker_process, owner, tree, admin_client_, monkeypatch
+) -> None:
+    from django.conf import settings
+    from django.urls import reverse
+
+    from webapp.tasks import embed_image, embed_pending
+
+    call_command("import_folder", str(tree), "--owner", owner.username, "--no-progress", stdout=io.StringIO())
+    _wait_all_settled()
+    published: list[str] = []
+    for task in (embed_image, embed_pending):
+        def spy(*args, _publish=task.apply_async, _name=task.name, **kwargs):  # the real publish, counted
+            published.append(_name)
+            return _publish(*args, **kwargs)
+
+        monkeypatch.setattr(task, "apply_async", spy)
+    ids = list(Image.objects.values_list("pk", flat=True))
+
+    response = admin_client_.post(reverse("admin:simili_image_changelist"),
+                                  {"action": "reembed", "_selected_action": ids})
+
+    assert response.status_code == 302
+    assert published == [embed_pending.name] * -(-len(ids) // settings.EMBED_BATCH_SIZE)
+    _wait_all_settled()
+    assert set(Image.objects.values_list("status", flat=True)) == {ImageStatus.READY}
+    assert Embedding.objects.count() == len(ids) == 10
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.worker
 def test_a_broken_file_is_refused_at_import_or_failed_by_the_worker_never_lost(celery_worker_process, owner,
                                                                               tmp_path, photos) -> None:
     """The import checks a JPEG's structure and leaves the one decode to the worker.

@@ -417,15 +417,31 @@ def image_mark_failed(*, image_id: int, error: str) -> None:
 
 
 def image_reembed(*, image_ids: list[int]) -> int:
-    """Mark images pending and queue them on the bulk queue; return how many were queued."""
+    """Mark images pending and queue batch tasks on the bulk lane for them; return how many.
+
+    One batch task per EMBED_BATCH_SIZE images, as an import queues them, not one task per
+    image: a collection's worth of re-embedding is then a few messages, embedded in full
+    batches. The rows are stamped queued with the change; should the broker be down at the
+    commit, they are unstamped and the reconciler queues them once it is back.
+    """
     ids = list(Image.objects.filter(pk__in=image_ids).values_list("pk", flat=True))
+    if not ids:
+        return 0
+
+    def enqueue() -> None:
+        try:
+            enqueue_bulk_batches(count=len(ids))
+        except BaseException:
+            Image.objects.filter(pk__in=ids, status=ImageStatus.PENDING).update(enqueued_at=None)
+            raise
+
     with transaction.atomic():
-        Image.objects.filter(pk__in=ids).update(status=ImageStatus.PENDING, error="", attempts=0, lane=Lane.BULK)
+        Image.objects.filter(pk__in=ids).update(status=ImageStatus.PENDING, error="", attempts=0, lane=Lane.BULK,
+                                                enqueued_at=timezone.now())
         # A vector row exists only while its image is searchable: the similarity query then
         # reads one table and skips nothing (docs/search.md).
         Embedding.objects.filter(image_id__in=ids).delete()
-        for image_id in ids:
-            _enqueue_on_commit(image_id, queue=BULK_QUEUE)
+        transaction.on_commit(enqueue, robust=True)
     return len(ids)
 
 

@@ -240,6 +240,30 @@ def test_a_batch_never_claims_a_single_upload_until_the_reconciler_hands_it_over
     assert [job.image_id for job in ingest.images_claim(limit=50)] == [upload.pk]
 
 
+@pytest.mark.django_db
+def test_a_row_whose_worker_died_is_embedded_alone_after_the_fresh_rows(owner) -> None:
+    """An image that kills its worker must not take the rows batched with it down each time."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from webapp import services
+
+    collection = CollectionFactory(owner=owner)
+    fresh = [ImageFactory(collection=collection, status=ImageStatus.PENDING).pk for _ in range(3)]
+    crashed = [ImageFactory(collection=collection, status=ImageStatus.PROCESSING).pk for _ in range(2)]
+    # Their worker died mid-batch: stale rows go back to pending with the attempt counted.
+    Image.objects.filter(pk__in=crashed).update(attempts=1, updated_at=timezone.now() - timedelta(days=1),
+                                                enqueued_at=timezone.now() - timedelta(days=1))
+    services.images_requeue_stale()
+    assert set(Image.objects.filter(pk__in=crashed).values_list("status", flat=True)) == {ImageStatus.PENDING}
+
+    assert [job.image_id for job in ingest.images_claim(limit=32)] == fresh
+    assert [job.image_id for job in ingest.images_claim(limit=32)] == [crashed[0]]
+    assert [job.image_id for job in ingest.images_claim(limit=32)] == [crashed[1]]
+    assert ingest.images_claim(limit=32) == []
+
+
 @pytest.mark.django_db(transaction=True)
 def test_an_images_own_task_waits_for_a_row_being_written_instead_of_dropping_it(owner) -> None:
     image = ImageFactory(collection=CollectionFactory(owner=owner), status=ImageStatus.PENDING,

@@ -53,18 +53,24 @@ def images_claim(*, ids: Sequence[int] | None = None, limit: int = 1) -> list[Jo
 
     By `ids` (an image's own task), whatever its lane, waiting for a row another transaction is
     writing: its task exists for that row, and skipping it would drop the message. Otherwise (a
-    batch), bulk-lane images only, skipping rows other batches hold.
+    batch), bulk-lane images only, skipping rows other batches hold: up to `limit` never tried
+    before, or else one that was. A tried row is pending again because its worker died (or the
+    reconciler handed it over), so it goes alone: an image that kills its worker then costs
+    only its own attempts, not those of the rows batched with it.
     """
     if ids is not None:
-        where, params, lock = "id = ANY(%s) AND status = 'pending'", [list(ids)], "FOR UPDATE"
-    else:
-        where, params, lock = "status = 'pending' AND lane = 'bulk'", [], "FOR UPDATE SKIP LOCKED"
+        return _claim("id = ANY(%s) AND status = 'pending'", [list(ids)], "FOR UPDATE", len(ids))
+    fresh = _claim("status = 'pending' AND lane = 'bulk' AND attempts = 0", [], "FOR UPDATE SKIP LOCKED", limit)
+    return fresh or _claim("status = 'pending' AND lane = 'bulk' AND attempts > 0", [], "FOR UPDATE SKIP LOCKED", 1)
+
+
+def _claim(where: str, params: list[object], lock: str, limit: int) -> list[Job]:
     with connection.cursor() as cursor:
         cursor.execute(
             f"""UPDATE simili_image SET status = 'processing', attempts = attempts + 1, updated_at = now()
                 WHERE id IN (SELECT id FROM simili_image WHERE {where} ORDER BY id LIMIT %s {lock})
                 RETURNING id, collection_id, sha256, file_path, width, height""",
-            [*params, int(limit if ids is None else len(ids))],
+            [*params, int(limit)],
         )
         rows = cursor.fetchall()
     return sorted((Job(*row) for row in rows), key=lambda job: job.image_id)

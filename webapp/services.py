@@ -393,8 +393,8 @@ def delete_unreferenced_many(paths: Sequence[str]) -> None:
 def delete_unreferenced_on_commit(paths: Sequence[str]) -> None:
     """Once the current transaction commits, delete those of `paths` that no row uses then.
 
-    A rolled-back deletion (the admin deletes in a transaction) keeps its rows and files
-    together; outside a transaction the files go at once.
+    A rolled-back deletion (the admin's delete page runs in a transaction) keeps its rows and
+    files together; outside a transaction the files go at once.
     """
     wanted = list(paths)
     transaction.on_commit(lambda: delete_unreferenced_many(wanted), robust=True)
@@ -419,10 +419,12 @@ def image_mark_failed(*, image_id: int, error: str) -> None:
 def image_reembed(*, image_ids: list[int]) -> int:
     """Mark images pending and queue batch tasks on the bulk lane for them; return how many.
 
-    One batch task per EMBED_BATCH_SIZE images, as an import queues them, not one task per
-    image: a collection's worth of re-embedding is then a few messages, embedded in full
-    batches. The rows are stamped queued with the change; should the broker be down at the
-    commit, they are unstamped and the reconciler queues them once it is back.
+    One batch task per EMBED_BATCH_SIZE images (at most MAX_BATCH_TASKS, each claiming batches
+    until none is pending), as an import queues them, not one task per image: a collection's
+    worth of re-embedding is then a few messages, embedded in full batches. The rows are
+    stamped queued with the change; should the broker be down at the commit, they are
+    unstamped and the reconciler queues them once it is back. A row that kills its worker is
+    then claimed alone (`ingest.images_claim`), so it fails by itself.
     """
     ids = list(Image.objects.filter(pk__in=image_ids).values_list("pk", flat=True))
     if not ids:

@@ -146,3 +146,12 @@ def test_the_embed_page_of_a_private_or_unlisted_image_leaks_nothing(client, own
     assert response.status_code == 200
     assert response["Content-Security-Policy"] == "frame-ancestors 'none'"
     assert response["Cache-Control"] == "no-store"
+
+
+def test_a_key_never_starts_with_a_dash_so_a_command_line_can_take_it(monkeypatch) -> None:
+    """`manage.py train_video_encoder --collection -Ab…` reads the key as an option (1 key in 64)."""
+    from webapp import models
+
+    drawn = iter(["-dashFirst12345x", "_fineKey1234567x"])
+    monkeypatch.setattr(models.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert models.new_key() == "_fineKey1234567x"

@@ -10,8 +10,13 @@ from pgvector.django import HalfVectorField, VectorField
 
 
 def new_key() -> str:
-    """Return an unguessable URL key: unlisted collections rely on it not being enumerable."""
-    return secrets.token_urlsafe(12)
+    """Return an unguessable URL key: unlisted collections rely on it not being enumerable.
+
+    Never one that starts with "-": a command line reads `--collection -x…` as two options.
+    """
+    while (key := secrets.token_urlsafe(12)).startswith("-"):
+        pass
+    return key
 
 
 class Visibility(models.TextChoices):

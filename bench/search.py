@@ -168,9 +168,13 @@ def reload(rows: int) -> dict[str, object]:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_table_size('simili_embedding'), pg_relation_size(%s)", [version.index_name])
         table_bytes, index_bytes = cursor.fetchone()
+        # The index as built then, not as this run's settings would build it (the header's m
+        # and ef_construction are this environment's).
+        cursor.execute("SELECT reloptions FROM pg_class WHERE relname = %s", [version.index_name])
+        print(f"reusing the database at --var: index built with {cursor.fetchone()[0]}", flush=True)
     return {"version": version, "ids": ids, "owner_of": np.arange(rows) % COLLECTIONS,
             "admin": users.get(username="admin"), "ten": users.get(username="ten_percent"),
-            "one": users.get(username="one_percent"), "load_s": float("nan"), "build_s": float("nan"),
+            "one": users.get(username="one_percent"), "load_s": 0.0, "build_s": 0.0,
             "table_bytes": table_bytes, "index_bytes": index_bytes}
 
 
@@ -430,8 +434,9 @@ def main() -> None:
             print(f"rows {args.rows} x {DIM}, m={settings.HNSW_M}, ef_construction={settings.HNSW_EF_CONSTRUCTION}, "
                   f"ef_search={settings.HNSW_EF_SEARCH}, exact below {settings.EXACT_SEARCH_MAX_ROWS} rows", flush=True)
             world = reload(args.rows) if args.reuse else load(vectors)
-            print(f"load {world['load_s']:.0f} s ({args.rows / world['load_s']:.0f} rows/s), index build "
-                  f"{world['build_s']:.0f} s, table {world['table_bytes'] / 2**20:.0f} MB, index "
+            timing = "" if args.reuse else (f"load {world['load_s']:.0f} s ({args.rows / world['load_s']:.0f} "
+                                            f"rows/s), index build {world['build_s']:.0f} s, ")
+            print(f"{timing}table {world['table_bytes'] / 2**20:.0f} MB, index "
                   f"{world['index_bytes'] / 2**20:.0f} MB", flush=True)
             report = measure(world, vectors, queries)
             print("\n| filter | rows | plan | app p50 / p95 ms | app recall@10 (min) | short | HNSW p50 / p95 ms "

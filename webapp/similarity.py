@@ -324,8 +324,8 @@ def _collapse(hits: list[Hit], *, version: EmbeddingModel, k: int) -> list[tuple
 def _pairs(image_ids: Sequence[int]) -> list[tuple[int, int, str]]:
     """Return the recorded near-duplicate pairs among these images: (first id, second id, status).
 
-    Raw SQL on the search's hot path: the same query through the ORM costs about 1 ms more of
-    compiling than PostgreSQL takes to answer it (docs/benchmarks.md).
+    Plain SQL on the search's hot path: through the ORM the same query took 1.1 ms against
+    0.3 (docs/benchmarks.md#search-1m-4).
     """
     table = NearDuplicate._meta.db_table
     with connection.cursor() as cursor:
@@ -425,9 +425,10 @@ def images_with_collections(image_ids: Sequence[int]) -> dict[int, Image]:
     """Return images by id with their collections loaded, as `select_related("collection")` would.
 
     One statement and `Model.from_db`, as the ORM builds rows, but without compiling a
-    queryset per call: on the search's hot path that compiling cost more than the query (2.1 ms
-    against 0.7 for ten rows, docs/benchmarks.md). Neither model has a field that converts its
-    database value (test_similar_sql checks the objects equal the ORM's).
+    queryset per call: on the search's hot path that compiling cost more than the query (ten
+    rows: 2.1 ms through `in_bulk`, 0.8 ms this way; docs/benchmarks.md#search-1m-4). Neither
+    model has a field that converts its database value (test_similar_sql checks the objects
+    equal the ORM's).
     """
     if not image_ids:
         return {}

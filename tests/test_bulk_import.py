@@ -28,6 +28,14 @@ def tree(tmp_path: Path, photos) -> Path:
     return tmp_path
 
 
+def _reencoded(data: bytes, *, quality: int) -> bytes:
+    from PIL import Image as PILImage
+
+    out = io.BytesIO()
+    PILImage.open(io.BytesIO(data)).convert("RGB").save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
 def _wait_all_settled(timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while Image.objects.exclude(status__in=[ImageStatus.READY, ImageStatus.FAILED]).exists():
@@ -84,6 +92,42 @@ def test_an_admin_re_embeds_a_collection_through_batch_tasks(
     _wait_all_settled()
     assert set(Image.objects.values_list("status", flat=True)) == {ImageStatus.READY}
     assert Embedding.objects.count() == len(ids) == 10
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.worker
+def test_a_many_file_upload_sends_its_first_files_interactive_and_batches_the_rest(
+    celery_worker_process, owner, owner_client, photos, settings, monkeypatch
+) -> None:
+    """A 100-photo upload must not queue ahead of other users' single uploads on the one
+    interactive worker: past the first few, its files are embedded in batches on the bulk lane."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from django.urls import reverse
+
+    from webapp.tasks import embed_image, embed_pending
+
+    settings.INTERACTIVE_FILES_PER_UPLOAD = 2
+    published: list[tuple[str, str]] = []
+    for task in (embed_image, embed_pending):
+        def spy(*args, _publish=task.apply_async, _name=task.name, **kwargs):  # the real publish, counted
+            published.append((_name, kwargs.get("queue", "")))
+            return _publish(*args, **kwargs)
+
+        monkeypatch.setattr(task, "apply_async", spy)
+    collection = CollectionFactory(owner=owner)
+    files = [SimpleUploadedFile(f"{i}.jpg", _reencoded(photos["chelsea.jpg"], quality=70 + i)) for i in range(6)]
+
+    response = owner_client.post(reverse("collection_upload", args=[collection.key]), {"files": files},
+                                 HTTP_ACCEPT="application/json")
+
+    assert response.status_code == 202
+    assert [r["outcome"] for r in response.json()["results"]] == ["accepted"] * 6
+    assert all("queued" not in r for r in response.json()["results"])
+    lanes = dict(Image.objects.values_list("original_name", "lane"))
+    assert lanes == {"0.jpg": "interactive", "1.jpg": "interactive", **{f"{i}.jpg": "bulk" for i in range(2, 6)}}
+    assert published == [(embed_image.name, "interactive")] * 2 + [(embed_pending.name, "bulk")]
+    _wait_all_settled()
+    assert set(Image.objects.values_list("status", flat=True)) == {ImageStatus.READY}
 
 
 @pytest.mark.django_db(transaction=True)

@@ -406,7 +406,8 @@ def images_upload(request: HttpRequest, key: str, files: File[list[UploadedFile]
     _rate_limit(request, "upload", settings.RATE_LIMIT_UPLOAD)
     results: list[dict[str, Any]] = []
     statuses: list[int] = []
-    for upload in files:
+    bulk = 0
+    for position, upload in enumerate(files):
         name = upload.name or ""
         try:
             data = services.upload_read(upload, size=upload.size or 0)
@@ -416,7 +417,10 @@ def images_upload(request: HttpRequest, key: str, files: File[list[UploadedFile]
                                  "video": made.video})
                 statuses.append(202)
                 continue
-            outcome = services.image_ingest(collection=collection, uploaded_by=request.user, data=data, name=name)
+            queue = services.upload_queue(position)
+            outcome = services.image_ingest(collection=collection, uploaded_by=request.user, data=data, name=name,
+                                            queue=queue)
+            bulk += outcome.created and queue is None
         except UploadRejected as exc:
             results.append({"name": name, "outcome": "rejected", "code": exc.code, "message": str(exc)})
             statuses.append(services.rejection_status(exc))
@@ -427,6 +431,7 @@ def images_upload(request: HttpRequest, key: str, files: File[list[UploadedFile]
             "image": outcome.image,
         })
         statuses.append(202)
+    services.upload_queue_rest(count=bulk)
     status = 202 if 202 in statuses else max(statuses, default=400)
     return Status(status, {"results": results})
 

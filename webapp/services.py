@@ -559,6 +559,30 @@ def images_embed_pending() -> int:
     return ingest.embed_pending()
 
 
+def upload_queue(position: int) -> str | None:
+    """Return where the `position`-th (from 0) image file of one upload request is queued.
+
+    The first INTERACTIVE_FILES_PER_UPLOAD go to the interactive lane, each its own task; the
+    rest are queued by no one here (None): the request queues batch tasks for them once it has
+    stored them all (`upload_queue_rest`), as an import does.
+    """
+    return INTERACTIVE_QUEUE if position < settings.INTERACTIVE_FILES_PER_UPLOAD else None
+
+
+def upload_queue_rest(*, count: int) -> None:
+    """Queue batch tasks for an upload's images past the interactive ones (see `upload_queue`).
+
+    A broker outage is logged, never turned into a failed upload: the rows are stored and
+    pending, and the reconciler queues them once the broker is back.
+    """
+    if count <= 0:
+        return
+    try:
+        enqueue_bulk_batches(count=count)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("could not queue %s uploaded image(s); the reconciler will: %s", count, exc)
+
+
 def enqueue_bulk_batches(*, count: int) -> int:
     """Queue enough batch tasks for `count` pending images; return how many were queued."""
     from webapp.tasks import embed_pending

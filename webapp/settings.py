@@ -253,6 +253,10 @@ CONTENT_SECURITY_POLICY = (
 # Uploads and images
 MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 25 * 1024 * 1024, minimum=1)
 MAX_FILES_PER_UPLOAD = env_int("MAX_FILES_PER_UPLOAD", 100, minimum=1)
+# The first files of one upload request go to the interactive lane (each its own task, ready in
+# about a second); the rest are bulk work, embedded in batches, so a 100-photo upload does not
+# queue ahead of other users' single uploads on the interactive worker.
+INTERACTIVE_FILES_PER_UPLOAD = env_int("INTERACTIVE_FILES_PER_UPLOAD", 4, minimum=0)
 MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 50_000_000, minimum=1)
 DATA_UPLOAD_MAX_NUMBER_FILES = MAX_FILES_PER_UPLOAD
 # Django keeps files under 2.5 MB in memory; larger ones spool to a temp file.

@@ -224,7 +224,10 @@ def collection_upload(request: HttpRequest, key: str) -> HttpResponse:
             return JsonResponse({"code": "no_files", "message": "Choose at least one image."}, status=400)
         messages.error(request, "Choose at least one image to upload.")
         return redirect(collection)
-    results = [_ingest_one(request, collection, upload) for upload in files]
+    results = [_ingest_one(request, collection, upload, position) for position, upload in enumerate(files)]
+    services.upload_queue_rest(count=sum(1 for r in results if r.get("queued") == "bulk"))
+    for result in results:
+        result.pop("queued", None)
     if _wants_json(request):
         accepted = [r for r in results if r["outcome"] != "rejected"]
         status = 202 if accepted else max(int(str(r["status"])) for r in results)
@@ -252,7 +255,7 @@ def _too_many_requests(request: HttpRequest, wait: int) -> HttpResponse:
     return response
 
 
-def _ingest_one(request: HttpRequest, collection: Collection, upload: object) -> dict[str, object]:
+def _ingest_one(request: HttpRequest, collection: Collection, upload: object, position: int) -> dict[str, object]:
     name = str(getattr(upload, "name", ""))
     size = int(getattr(upload, "size", 0))
     try:
@@ -261,9 +264,9 @@ def _ingest_one(request: HttpRequest, collection: Collection, upload: object) ->
             made = videos.video_ingest(collection=collection, uploaded_by=request.user, data=data, name=name)
             return {"name": name, "outcome": "accepted" if made.created else "duplicate",
                     "video": _video_json(made.video), "status": 202}
-        result = services.image_ingest(
-            collection=collection, uploaded_by=request.user, data=data, name=name
-        )
+        queue = services.upload_queue(position)
+        result = services.image_ingest(collection=collection, uploaded_by=request.user, data=data, name=name,
+                                       queue=queue)
     except UploadRejected as exc:
         return {
             "name": name,
@@ -277,6 +280,7 @@ def _ingest_one(request: HttpRequest, collection: Collection, upload: object) ->
         "outcome": "accepted" if result.created else "duplicate",
         "image": _image_json(result.image),
         "status": 202,
+        "queued": "bulk" if result.created and queue is None else "",
     }
 
 

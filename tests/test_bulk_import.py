@@ -36,6 +36,20 @@ def _reencoded(data: bytes, *, quality: int) -> bytes:
     return out.getvalue()
 
 
+def _published_tasks(monkeypatch) -> list[tuple[str, str]]:
+    """Record (task name, queue) of every embedding task published from now on; each is still sent."""
+    from webapp.tasks import embed_image, embed_pending
+
+    published: list[tuple[str, str]] = []
+    for task in (embed_image, embed_pending):
+        def spy(*args, _publish=task.apply_async, _name=task.name, **kwargs):
+            published.append((_name, kwargs.get("queue", "")))
+            return _publish(*args, **kwargs)
+
+        monkeypatch.setattr(task, "apply_async", spy)
+    return published
+
+
 def _wait_all_settled(timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while Image.objects.exclude(status__in=[ImageStatus.READY, ImageStatus.FAILED]).exists():
@@ -71,24 +85,18 @@ def test_an_admin_re_embeds_a_collection_through_batch_tasks(
     from django.conf import settings
     from django.urls import reverse
 
-    from webapp.tasks import embed_image, embed_pending
+    from webapp.tasks import embed_pending
 
     call_command("import_folder", str(tree), "--owner", owner.username, "--no-progress", stdout=io.StringIO())
     _wait_all_settled()
-    published: list[str] = []
-    for task in (embed_image, embed_pending):
-        def spy(*args, _publish=task.apply_async, _name=task.name, **kwargs):  # the real publish, counted
-            published.append(_name)
-            return _publish(*args, **kwargs)
-
-        monkeypatch.setattr(task, "apply_async", spy)
+    published = _published_tasks(monkeypatch)
     ids = list(Image.objects.values_list("pk", flat=True))
 
     response = admin_client_.post(reverse("admin:simili_image_changelist"),
                                   {"action": "reembed", "_selected_action": ids})
 
     assert response.status_code == 302
-    assert published == [embed_pending.name] * -(-len(ids) // settings.EMBED_BATCH_SIZE)
+    assert [name for name, _ in published] == [embed_pending.name] * -(-len(ids) // settings.EMBED_BATCH_SIZE)
     _wait_all_settled()
     assert set(Image.objects.values_list("status", flat=True)) == {ImageStatus.READY}
     assert Embedding.objects.count() == len(ids) == 10
@@ -107,13 +115,7 @@ def test_a_many_file_upload_sends_its_first_files_interactive_and_batches_the_re
     from webapp.tasks import embed_image, embed_pending
 
     settings.INTERACTIVE_FILES_PER_UPLOAD = 2
-    published: list[tuple[str, str]] = []
-    for task in (embed_image, embed_pending):
-        def spy(*args, _publish=task.apply_async, _name=task.name, **kwargs):  # the real publish, counted
-            published.append((_name, kwargs.get("queue", "")))
-            return _publish(*args, **kwargs)
-
-        monkeypatch.setattr(task, "apply_async", spy)
+    published = _published_tasks(monkeypatch)
     collection = CollectionFactory(owner=owner)
     files = [SimpleUploadedFile(f"{i}.jpg", _reencoded(photos["chelsea.jpg"], quality=70 + i)) for i in range(6)]
 

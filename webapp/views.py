@@ -225,9 +225,9 @@ def collection_upload(request: HttpRequest, key: str) -> HttpResponse:
         messages.error(request, "Choose at least one image to upload.")
         return redirect(collection)
     results = [_ingest_one(request, collection, upload, position) for position, upload in enumerate(files)]
-    services.upload_queue_rest(count=sum(1 for r in results if r.get("queued") == "bulk"))
-    for result in results:
-        result.pop("queued", None)
+    services.upload_queue_rest(count=sum(1 for position, r in enumerate(results)
+                                         if r["outcome"] == "accepted" and "image" in r
+                                         and services.upload_queue(position) is None))
     if _wants_json(request):
         accepted = [r for r in results if r["outcome"] != "rejected"]
         status = 202 if accepted else max(int(str(r["status"])) for r in results)
@@ -264,9 +264,8 @@ def _ingest_one(request: HttpRequest, collection: Collection, upload: object, po
             made = videos.video_ingest(collection=collection, uploaded_by=request.user, data=data, name=name)
             return {"name": name, "outcome": "accepted" if made.created else "duplicate",
                     "video": _video_json(made.video), "status": 202}
-        queue = services.upload_queue(position)
         result = services.image_ingest(collection=collection, uploaded_by=request.user, data=data, name=name,
-                                       queue=queue)
+                                       queue=services.upload_queue(position))
     except UploadRejected as exc:
         return {
             "name": name,
@@ -280,7 +279,6 @@ def _ingest_one(request: HttpRequest, collection: Collection, upload: object, po
         "outcome": "accepted" if result.created else "duplicate",
         "image": _image_json(result.image),
         "status": 202,
-        "queued": "bulk" if result.created and queue is None else "",
     }
 
 

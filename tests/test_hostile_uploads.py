@@ -20,6 +20,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
 from PIL import Image as PILImage
+from skimage import data as skimage_data
 
 from tests.conftest import media_files
 from tests.factories import CollectionFactory
@@ -370,6 +371,30 @@ def test_an_odd_but_valid_image_is_embedded_with_a_faithful_thumbnail(
     assert thumb.size == (64, 32)
     for fx, colour in expected:
         _assert_colour(_colour_at(thumb, fx), colour)
+
+
+def _served_thumbnail(client, image: Image) -> bytes:
+    response = client.get(reverse("media_thumbnail", args=[image.key]))
+    assert response.status_code == 200
+    return b"".join(response.streaming_content)
+
+
+def test_a_small_plain_jpeg_is_served_as_its_own_thumbnail(owner_client, collection) -> None:
+    photo = _encode(PILImage.fromarray(skimage_data.coffee()).resize((384, 256)), "JPEG", quality=80)
+    image = _upload_and_embed(owner_client, collection, "small.jpg", photo)
+    _assert_ready_with_unit_embedding(image)
+    assert _served_thumbnail(owner_client, image) == photo
+
+
+def test_a_small_jpeg_with_a_location_gets_a_thumbnail_without_it(owner_client, collection) -> None:
+    exif = PILImage.Exif()
+    exif.get_ifd(0x8825)[2] = (48.0, 51.0, 24.0)  # GPSLatitude
+    photo = _encode(PILImage.fromarray(skimage_data.coffee()).resize((384, 256)), "JPEG", exif=exif)
+    image = _upload_and_embed(owner_client, collection, "home.jpg", photo)
+    served = _served_thumbnail(owner_client, image)
+    thumb = PILImage.open(io.BytesIO(served))
+    assert thumb.size == (384, 256) and not thumb.getexif()
+    assert b"Exif" not in served
 
 
 def test_a_16_bit_greyscale_gradient_keeps_its_gradient(owner_client, collection) -> None:

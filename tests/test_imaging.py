@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from skimage import data as photos
 
 from retrieval import imaging
 from retrieval.errors import CorruptImage, ImageTooLarge, UnsupportedFormat
@@ -98,3 +99,39 @@ def test_transparent_pixels_become_white() -> None:
 def test_thumbnail_fits_the_box() -> None:
     thumb = imaging.make_thumbnail(Image.new("RGB", (1000, 500)), max_side=200)
     assert Image.open(io.BytesIO(thumb)).size == (200, 100)
+
+
+def _photo_jpeg(size: tuple[int, int], **save: object) -> bytes:
+    return _encode(Image.fromarray(photos.coffee()).resize(size), "JPEG", quality=80, **save)
+
+
+def test_a_small_plain_jpeg_is_its_own_thumbnail() -> None:
+    source = _photo_jpeg((384, 256))
+    assert imaging.make_thumbnail(imaging.load_image(source), max_side=400, source=source) is source
+
+
+def _exif_with_gps() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x010F] = "PhoneMaker"  # Make
+    exif.get_ifd(0x8825)[2] = (48.0, 51.0, 24.0)  # GPSLatitude
+    return exif
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        pytest.param(_photo_jpeg((384, 256), exif=_exif_with_gps()), id="exif-and-gps"),
+        pytest.param(_photo_jpeg((384, 256), comment=b"shot at home"), id="comment"),
+        pytest.param(_photo_jpeg((384, 256)) + b"trailing bytes", id="data-after-the-end"),
+        pytest.param(_encode(Image.fromarray(photos.coffee()).resize((384, 256)).convert("CMYK"), "JPEG"), id="cmyk"),
+        pytest.param(_photo_jpeg((640, 427)), id="larger-than-the-box"),
+        pytest.param(_encode(Image.fromarray(photos.coffee()).resize((384, 256)), "PNG"), id="png"),
+    ],
+)
+def test_any_other_image_is_re_encoded_without_its_metadata(source: bytes) -> None:
+    thumb = imaging.make_thumbnail(imaging.load_image(source), max_side=400, source=source)
+    assert thumb != source
+    encoded = Image.open(io.BytesIO(thumb))
+    assert encoded.format == "JPEG" and encoded.mode == "RGB" and max(encoded.size) <= 400
+    assert [marker for marker, _ in encoded.applist] == ["APP0"]  # JFIF only: no EXIF, no comment
+    assert "comment" not in encoded.info

@@ -103,7 +103,7 @@ def decode(job: Job, recipe: pipeline.Recipe) -> Decoded:
         )
     except ImageRejected as exc:
         return Decoded(job, error=str(exc))
-    thumbnail = imaging.make_thumbnail(picture, max_side=settings.THUMBNAIL_SIZE)
+    thumbnail = imaging.make_thumbnail(picture, max_side=settings.THUMBNAIL_SIZE, source=data)
     if recipe.single_native_scale:
         # The CNN's resize happens here, in the decode thread, off the inference path; the
         # extractor's own resize of an image already at size is then a copy.

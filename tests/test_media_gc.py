@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -115,3 +116,141 @@ def test_an_admin_deleting_images_takes_their_files_after_the_commit(
     for callback in callbacks:
         callback()
     assert not storage.media_path(original).exists()
+
+
+def _in_another_connection(work) -> threading.Thread:
+    """Run `work` in a thread with its own database connection (another request, another process)."""
+    from django.db import connection
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_upload_whose_shared_file_a_deletion_removes_before_its_row_commits_stores_it_again(
+    monkeypatch, owner, owner_client, photos
+) -> None:
+    """Files are shared by content: deleting another copy of the photo must not take the new one's file."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from django.urls import reverse
+
+    from webapp.models import Image
+
+    data = photos["chelsea.jpg"]
+    first = services.collection_create(owner=owner, name="First", visibility="private")
+    second = services.collection_create(owner=owner, name="Second", visibility="private")
+    old = services.image_ingest(collection=first, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image
+    prepare = services.image_prepare
+
+    def prepare_then_another_request_deletes(*args, **kwargs):
+        prepared = prepare(*args, **kwargs)  # the upload has stored (here: reused) the file
+        _in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))).join()
+        assert not storage.media_path(prepared.file_path).exists()  # no committed row used it
+        return prepared
+
+    monkeypatch.setattr(services, "image_prepare", prepare_then_another_request_deletes)
+    response = owner_client.post(reverse("collection_upload", args=[second.key]),
+                                 {"files": [SimpleUploadedFile("cat.jpg", data, content_type="image/jpeg")]},
+                                 HTTP_ACCEPT="application/json")
+    assert response.status_code == 202, response.content
+    assert not Image.objects.filter(pk=old.pk).exists()
+    new = Image.objects.get(collection=second)
+    served = owner_client.get(reverse("media_original", args=[new.key]))
+    assert served.status_code == 200 and b"".join(served.streaming_content) == data
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_upload_waits_for_a_deletion_checking_its_shared_file_then_stores_it_again(
+    monkeypatch, owner, photos
+) -> None:
+    data = photos["chelsea.jpg"]
+    first = services.collection_create(owner=owner, name="First", visibility="private")
+    second = services.collection_create(owner=owner, name="Second", visibility="private")
+    old = services.image_ingest(collection=first, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image
+    checked, resume = threading.Event(), threading.Event()
+    in_use = services.paths_in_use
+
+    def check_then_pause(paths):
+        used = in_use(paths)
+        checked.set()  # the deletion has seen no row using the file and is about to unlink it
+        assert resume.wait(10)
+        return used
+
+    monkeypatch.setattr(services, "paths_in_use", check_then_pause)
+    deletion = _in_another_connection(lambda: services.image_delete(image=old))
+    assert checked.wait(10)
+    uploaded = []
+    upload = _in_another_connection(lambda: uploaded.append(services.image_ingest(
+        collection=second, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image))
+    upload.join(0.5)
+    assert upload.is_alive(), "the upload must wait for the deletion that holds its file"
+    resume.set()
+    deletion.join(10)
+    upload.join(10)
+    assert len(uploaded) == 1
+    assert storage.media_path(uploaded[0].file_path).read_bytes() == data
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_stores_again_a_shared_thumbnail_a_deletion_removed_while_it_embedded(
+    monkeypatch, owner, owner_client, photos
+) -> None:
+    from django.urls import reverse
+
+    from webapp import ingest
+    from webapp.models import Image
+
+    data = photos["chelsea.jpg"]
+    first = services.collection_create(owner=owner, name="First", visibility="private")
+    second = services.collection_create(owner=owner, name="Second", visibility="private")
+    old = services.image_ingest(collection=first, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image
+    services.image_embed(image_id=old.pk)
+    old.refresh_from_db()
+    new = services.image_ingest(collection=second, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image
+    mark_ready = ingest.images_mark_ready
+
+    def another_request_deletes_first(thumbnails):
+        # The worker has written the shared thumbnail; its row does not use it until it commits.
+        _in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))).join()
+        assert not storage.media_path(old.thumbnail_path).exists()
+        mark_ready(thumbnails)
+
+    monkeypatch.setattr(ingest, "images_mark_ready", another_request_deletes_first)
+    services.image_embed(image_id=new.pk)
+    new.refresh_from_db()
+    assert new.status == "ready" and new.thumbnail_path == old.thumbnail_path
+    served = owner_client.get(reverse("media_thumbnail", args=[new.key]))
+    assert served.status_code == 200 and b"".join(served.streaming_content)[:2] == b"\xff\xd8"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_folder_import_reads_a_file_again_when_a_deletion_removed_its_stored_copy(
+    monkeypatch, tmp_path, owner, photos
+) -> None:
+    from webapp import imports
+    from webapp.models import Image
+
+    data = photos["chelsea.jpg"]
+    first = services.collection_create(owner=owner, name="First", visibility="private")
+    second = services.collection_create(owner=owner, name="Second", visibility="private")
+    old = services.image_ingest(collection=first, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image
+    source = tmp_path / "cat.jpg"
+    source.write_bytes(data)
+    bulk_create = Image.objects.bulk_create
+
+    def another_request_deletes_first(objs, *args, **kwargs):
+        _in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))).join()
+        assert not storage.media_path(old.file_path).exists()
+        return bulk_create(objs, *args, **kwargs)
+
+    monkeypatch.setattr(Image.objects, "bulk_create", another_request_deletes_first)
+    summary = imports.import_files([("cat.jpg", source, second)], owner=owner)
+    assert summary.accepted == 1
+    assert storage.media_path(Image.objects.get(collection=second).file_path).read_bytes() == data

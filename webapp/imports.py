@@ -217,7 +217,7 @@ def import_files(
 def file_prepare(path: Path) -> services.PreparedImage:
     """Read, check and store one file for a bulk import (`services.image_prepare`); thread-safe."""
     services.upload_check_size(size=path.stat().st_size)  # before reading it
-    return services.image_prepare(path.read_bytes(), decode=False)
+    return services.image_prepare(path.read_bytes(), decode=False, source=path)
 
 
 @contextmanager

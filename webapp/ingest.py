@@ -7,6 +7,7 @@ that dies leaves its claimed rows in `processing` for the reconciler to hand bac
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -149,6 +150,10 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
                 for index, item in enumerate(good) if item.job.image_id in alive
             })
         images_mark_ready({image_id: thumbnails[image_id] for image_id in alive})
+        # Thumbnails are shared by content: a deletion of another image of the same photo may
+        # have removed this one since it was written.
+        services.files_keep({thumbnails[item.job.image_id]: functools.partial(bytes, item.thumbnail or b"")
+                             for item in good if item.job.image_id in alive})
     for image_id in set(thumbnails) - alive:  # deleted while we worked
         services.delete_unreferenced(thumbnails[image_id])
     for collection_id in {item.job.collection_id for item in good}:

@@ -6,8 +6,9 @@ import base64
 import hashlib
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from django.conf import settings
@@ -210,8 +211,9 @@ def images_requeue_stale() -> int:
     return len(retry)
 
 
-#: Stored files checked against the database per query by the media sweeper.
-GC_BATCH = 1000
+#: Stored files checked against the database per transaction by the media sweeper and by
+#: deletions, each holding its file's lock (`files_lock`) in PostgreSQL's bounded lock table.
+GC_BATCH = 200
 
 
 def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
@@ -234,12 +236,14 @@ def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
     removed = 0
     for start in range(0, len(candidates), GC_BATCH):
         batch = candidates[start:start + GC_BATCH]
-        referenced = paths_in_use([key for _, key in batch if key])
-        for path, key in batch:
-            if key and key in referenced:
-                continue
-            path.unlink(missing_ok=True)
-            removed += 1
+        with transaction.atomic():
+            files_lock(key for _, key in batch)  # as a deletion does: an upload may be adding a row
+            referenced = paths_in_use([key for _, key in batch if key])
+            for path, key in batch:
+                if key and key in referenced:
+                    continue
+                path.unlink(missing_ok=True)
+                removed += 1
     if removed:
         logger.info("removed %s unreferenced media file(s)", removed)
     return removed
@@ -256,9 +260,23 @@ class PreparedImage:
     info: imaging.ImageInfo
     sha256: str
     file_path: str
+    #: The file the bytes were read from (a bulk import's), to store them again should a
+    #: deletion remove the shared original before this image's row commits.
+    source: Path | None = None
+
+    def read_again(self) -> bytes:
+        """The original's bytes once more, from `source`; ImageRejected if they cannot be had."""
+        try:
+            data = self.source.read_bytes() if self.source is not None else b""
+        except OSError:
+            data = b""
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise ImageRejected("The stored file was removed while the image was added, and its source "
+                                "is gone or has changed; add it again.")
+        return data
 
 
-def image_prepare(data: bytes, *, decode: bool = True) -> PreparedImage:
+def image_prepare(data: bytes, *, decode: bool = True, source: Path | None = None) -> PreparedImage:
     """Validate image bytes and store the original file; no database access, so thread-safe.
 
     Raises `ImageRejected` (nothing stored) when the bytes are not an acceptable image. The
@@ -270,7 +288,7 @@ def image_prepare(data: bytes, *, decode: bool = True) -> PreparedImage:
     sha256 = hashlib.sha256(data).hexdigest()
     relative = storage.content_path("originals", sha256, info.extension)
     storage.write_or_keep(relative, data)
-    return PreparedImage(byte_size=len(data), info=info, sha256=sha256, file_path=relative)
+    return PreparedImage(byte_size=len(data), info=info, sha256=sha256, file_path=relative, source=source)
 
 
 def image_ingest(
@@ -298,6 +316,7 @@ def image_ingest(
         with transaction.atomic():
             image = _new_image(collection, uploaded_by, name, prepared, interactive=queue == INTERACTIVE_QUEUE)
             image.save(force_insert=True)
+            files_keep({relative: (lambda: data) if data else prepared.read_again})
             if queue is not None:
                 _enqueue_on_commit(image.pk, queue=queue)
     except IntegrityError:
@@ -323,7 +342,7 @@ def images_ingest_prepared(
     found = Image.objects.filter(collection_id__in={pk for pk, _ in wanted}, sha256__in={sha for _, sha in wanted})
     known = {(image.collection_id, image.sha256): image for image in found
              if (image.collection_id, image.sha256) in wanted}
-    results, new = [], []
+    results, new, new_prepared = [], [], []
     for collection, name, prepared in items:
         pair = (collection.pk, prepared.sha256)
         if pair in known:
@@ -332,10 +351,12 @@ def images_ingest_prepared(
         image = _new_image(collection, uploaded_by, name, prepared, interactive=False)
         known[pair] = image
         new.append(image)
+        new_prepared.append((image, prepared))
         results.append(IngestResult(image, created=True))
     try:
         with transaction.atomic():
             Image.objects.bulk_create(new)
+            files_keep({image.file_path: prepared.read_again for image, prepared in new_prepared})
     except IntegrityError:
         return [image_ingest(collection=collection, uploaded_by=uploaded_by, name=name, queue=None,
                              prepared=prepared) for collection, name, prepared in items]
@@ -379,15 +400,54 @@ def paths_in_use(paths: Sequence[str]) -> set[str]:
 
 
 def delete_unreferenced_many(paths: Sequence[str]) -> None:
-    """Delete the stored files no image or video row still uses: three queries for any number."""
+    """Delete the stored files no image or video row still uses: a few queries for any number.
+
+    Under the files' locks (`files_lock`): an upload of the same content that commits its row
+    meanwhile is either seen here, or finds its file gone and stores it again.
+    """
     wanted = sorted({relative for relative in paths if relative})
-    used = paths_in_use(wanted)
-    for relative in wanted:
-        if relative in used:
-            continue
-        storage.delete(relative)
-        if relative.startswith("thumbnails/"):
-            storage.delete("thumbnails-small/" + relative.split("/", 1)[1])
+    for start in range(0, len(wanted), GC_BATCH):  # PostgreSQL's lock table is bounded
+        batch = wanted[start:start + GC_BATCH]
+        with transaction.atomic():
+            files_lock(batch)
+            used = paths_in_use(batch)
+            for relative in batch:
+                if relative in used:
+                    continue
+                storage.delete(relative)
+                if relative.startswith("thumbnails/"):
+                    storage.delete("thumbnails-small/" + relative.split("/", 1)[1])
+
+
+def files_lock(paths: Iterable[str]) -> None:
+    """Hold these stored files' locks until the current transaction ends.
+
+    Files are shared by content: an upload stores (or reuses) its original before its row
+    commits, and a deletion removes a file once no committed row uses it. Both take these
+    locks between their check and their commit, so neither can act on what the other has not
+    committed yet. Taken in one order, so two callers never wait on each other.
+    """
+    if not connection.in_atomic_block:
+        raise RuntimeError("files_lock needs a transaction: the locks last until it ends")
+    keys = sorted({int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "big", signed=True)
+                   for path in paths if path})
+    if keys:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(key) FROM unnest(%s::bigint[]) WITH ORDINALITY AS t(key, n) "
+                           "ORDER BY n", [keys])
+
+
+def files_keep(files: Mapping[str, Callable[[], bytes]]) -> None:
+    """In the transaction that commits rows using these stored files: store again any a deletion removed.
+
+    Each value gives the file's bytes, called only for a missing file (a deletion of another
+    row with the same content unlinked it after this row's file was stored, before it commits).
+    """
+    files_lock(files)
+    for relative, read in files.items():
+        if relative and not storage.media_path(relative).is_file():
+            logger.warning("stored file %s was removed while a row was added for it; storing it again", relative)
+            storage.write_atomic(relative, read())
 
 
 def delete_unreferenced_on_commit(paths: Sequence[str]) -> None:

@@ -223,11 +223,24 @@ def make_thumbnail(image: Image.Image, *, max_side: int, source: bytes | None = 
     if source is not None and max(image.size) <= max_side and _is_plain_small_jpeg(source, max_side):
         return source
     thumb = image.copy()
+    profile = _rgb_profile(image)
     thumb.info.clear()  # Pillow would write a source's JPEG comment (COM) into the thumbnail
     thumb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     out = io.BytesIO()
-    thumb.save(out, format="JPEG", quality=85)
+    thumb.save(out, format="JPEG", quality=85, icc_profile=profile)
     return out.getvalue()
+
+
+def _rgb_profile(image: Image.Image) -> bytes | None:
+    """The image's ICC colour profile if it describes RGB pixels, else None.
+
+    A phone photo in Display P3 shows dull without its profile. A CMYK or greyscale source
+    converted to RGB keeps its old profile in `info`, which would misdescribe the pixels.
+    """
+    profile = image.info.get("icc_profile")
+    if isinstance(profile, bytes) and image.mode == "RGB" and profile[16:20] == b"RGB ":
+        return profile
+    return None
 
 
 def _is_plain_small_jpeg(data: bytes, max_side: int) -> bool:

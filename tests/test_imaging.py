@@ -135,3 +135,27 @@ def test_any_other_image_is_re_encoded_without_its_metadata(source: bytes) -> No
     assert encoded.format == "JPEG" and encoded.mode == "RGB" and max(encoded.size) <= 400
     assert [marker for marker, _ in encoded.applist] == ["APP0"]  # JFIF only: no EXIF, no comment
     assert "comment" not in encoded.info
+
+
+def _srgb_profile() -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def test_a_re_encoded_thumbnail_keeps_an_rgb_colour_profile() -> None:
+    """A phone photo in Display P3 would look dull without it."""
+    profile = _srgb_profile()
+    source = _photo_jpeg((800, 533), icc_profile=profile)
+    thumb = Image.open(io.BytesIO(imaging.make_thumbnail(imaging.load_image(source, min_side=224), max_side=400,
+                                                         source=source)))
+    assert thumb.size == (400, 267) and thumb.info.get("icc_profile") == profile
+
+
+def test_a_thumbnail_made_from_cmyk_does_not_keep_the_cmyk_profile() -> None:
+    profile = _srgb_profile()
+    cmyk_profile = profile[:16] + b"CMYK" + profile[20:]  # a CMYK profile's header, for Pillow to carry
+    cmyk = Image.fromarray(photos.coffee()).resize((800, 533)).convert("CMYK")
+    source = _encode(cmyk, "JPEG", icc_profile=cmyk_profile)
+    thumb = Image.open(io.BytesIO(imaging.make_thumbnail(imaging.load_image(source), max_side=400, source=source)))
+    assert thumb.mode == "RGB" and "icc_profile" not in thumb.info

@@ -158,3 +158,16 @@ def test_pages_have_a_skip_link_and_labelled_controls(owner_client, owner) -> No
     assert 'href="#main"' in page and 'id="main"' in page
     for control in ("files", "f-q", "f-sort", "f-status", "id_username"):
         assert f'for="{control}"' in page
+
+
+def test_the_small_thumbnail_keeps_the_colour_profile_of_the_thumbnail(anonymous_client, owner) -> None:
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    image = _thumbed(CollectionFactory(owner=owner))
+    out = io.BytesIO()
+    PILImage.new("RGB", (400, 300), (200, 40, 40)).save(out, format="JPEG", icc_profile=profile)
+    storage.write_atomic(image.thumbnail_path, out.getvalue())
+    response = anonymous_client.get(reverse("media_thumbnail_small", args=[image.key]))
+    small = PILImage.open(io.BytesIO(b"".join(response.streaming_content)))
+    assert small.size == (200, 150) and small.info.get("icc_profile") == profile

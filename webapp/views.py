@@ -18,6 +18,7 @@ from django.urls import reverse
 from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from retrieval import imaging
 from retrieval.errors import ImageRejected, UploadRejected
 from webapp import duplicates, ratelimit, selectors, services, sharing, similarity, storage, videos
 from webapp.forms import CollectionForm, CollectionSettingsForm, EditorAddForm, SearchForm, SignupForm
@@ -422,11 +423,7 @@ def _shrink_jpeg(data: bytes, size: int) -> bytes:
 
     with PILImage.open(io.BytesIO(data)) as picture:
         picture.draft("RGB", (size, size))  # JPEG decodes at a reduced scale: cheaper than a full decode
-        small = picture.convert("RGB")
-        small.thumbnail((size, size), PILImage.Resampling.LANCZOS)
-        out = io.BytesIO()
-        small.save(out, format="JPEG", quality=82, optimize=True)
-    return out.getvalue()
+        return imaging.make_thumbnail(picture.convert("RGB"), max_side=size)  # its colour profile kept
 
 
 @login_required

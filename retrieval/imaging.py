@@ -204,56 +204,117 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.clip(0, 255).astype(np.uint8), mode="L")
 
 
-#: JPEG markers a file may carry and still be served as its own thumbnail: JFIF (APP0), an ICC
-#: colour profile (APP2) and Adobe's colour transform (APP14). EXIF and XMP (APP1: orientation,
-#: camera, place), IPTC (APP13) and the rest make a thumbnail re-encoded without them.
-_THUMBNAIL_SAFE_MARKERS = frozenset({"APP0", "APP2", "APP14"})
+#: A colour profile larger than this is left out of a re-encoded thumbnail: display profiles
+#: (sRGB, Display P3, Adobe RGB) take under 4 KB, and a thumbnail must stay a thumbnail.
+MAX_THUMBNAIL_PROFILE_BYTES = 64 * 1024
 
 
-def make_thumbnail(image: Image.Image, *, max_side: int, source: bytes | None = None) -> bytes:
+def make_thumbnail(image: Image.Image, *, max_side: int, source: bytes | None = None, quality: int = 85) -> bytes:
     """Return a JPEG thumbnail of an RGB image that fits in `max_side` x `max_side`.
 
     `source`, the file `image` was decoded from, is returned as it is when it already is such
-    a thumbnail: a plain RGB or greyscale JPEG within the box, without metadata or anything after its end
-    marker, and at most a byte per pixel of the box. Re-encoding it (0.5-1 ms) would only lose quality. Others are
-    resampled with bicubic (Pillow's default for thumbnails; LANCZOS cost 0.8 ms more per
-    12 MP photo for a difference of 49 dB PSNR) and encoded without `optimize` (a second
-    pass: 0.6 ms for files 2% smaller).
+    a thumbnail (`is_plain_jpeg`: within the box, at most a byte per pixel of the box, no
+    metadata): re-encoding it (0.5-1 ms) would only lose quality. Others are resampled with
+    bicubic (Pillow's default for thumbnails; LANCZOS cost 0.8 ms more per 12 MP photo for a
+    difference of 49 dB PSNR) and encoded without `optimize` (a second pass: 0.6 ms for files
+    2% smaller), with the image's RGB colour profile and nothing else of its metadata.
     """
-    if source is not None and max(image.size) <= max_side and _is_plain_small_jpeg(source, max_side):
+    if (source is not None and max(image.size) <= max_side and len(source) <= max_side * max_side
+            and is_plain_jpeg(source, max_side=max_side)):
         return source
     thumb = image.copy()
     profile = _rgb_profile(image)
     thumb.info.clear()  # Pillow would write a source's JPEG comment (COM) into the thumbnail
     thumb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     out = io.BytesIO()
-    thumb.save(out, format="JPEG", quality=85, icc_profile=profile)
+    thumb.save(out, format="JPEG", quality=quality, icc_profile=profile)
     return out.getvalue()
 
 
 def _rgb_profile(image: Image.Image) -> bytes | None:
-    """The image's ICC colour profile if it describes RGB pixels, else None.
+    """The image's ICC colour profile if it is a small, valid one for RGB pixels, else None.
 
     A phone photo in Display P3 shows dull without its profile. A CMYK or greyscale source
     converted to RGB keeps its old profile in `info`, which would misdescribe the pixels.
     """
+    from PIL import ImageCms
+
     profile = image.info.get("icc_profile")
-    if isinstance(profile, bytes) and image.mode == "RGB" and profile[16:20] == b"RGB ":
-        return profile
-    return None
-
-
-def _is_plain_small_jpeg(data: bytes, max_side: int) -> bool:
-    if len(data) > max_side * max_side or not data.endswith(b"\xff\xd9"):  # nothing after the image
-        return False
+    if not isinstance(profile, bytes) or image.mode != "RGB" or profile[16:20] != b"RGB ":
+        return None
+    if len(profile) > MAX_THUMBNAIL_PROFILE_BYTES:
+        return None
     try:
-        image = Image.open(io.BytesIO(data), formats=["JPEG"])  # headers only
-    except _DECODE_ERRORS:
+        ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    except (OSError, ValueError, TypeError, ImageCms.PyCMSError):
+        return None
+    return profile
+
+
+#: Start-of-frame markers a browser decodes: baseline, extended and progressive Huffman.
+_HUFFMAN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+#: Table and restart-interval segments: DHT, DQT, DRI.
+_TABLES = frozenset({0xC4, 0xDB, 0xDD})
+
+
+def is_plain_jpeg(data: bytes, *, max_side: int) -> bool:
+    """Whether `data` is a JPEG a browser shows as it is and that tells nothing but its pixels.
+
+    Its segments are walked: only JFIF without an embedded thumbnail (APP0), an ICC profile
+    (APP2), Adobe's colour transform (APP14), tables, one Huffman frame of 1 or 3 components
+    within `max_side`, and scans, with nothing between segments and nothing after the end
+    marker. EXIF or XMP (APP1: orientation, camera, place), IPTC, comments, a second image
+    appended and anything unknown make it not plain.
+    """
+    n = len(data)
+    if not data.startswith(b"\xff\xd8"):
         return False
-    return (
-        image.format == "JPEG"
-        and image.mode in ("RGB", "L")
-        and max(image.size) <= max_side
-        and "comment" not in image.info
-        and all(marker in _THUMBNAIL_SAFE_MARKERS for marker, _ in getattr(image, "applist", []))
-    )
+    pos, frames = 2, 0
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return False  # bytes between segments
+        while pos + 1 < n and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes before a marker
+        if pos + 1 >= n:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return frames == 1 and pos + 2 == n
+        if pos + 4 > n:
+            return False
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        body = data[pos + 4:pos + 2 + length]
+        if length < 2 or len(body) != length - 2:
+            return False
+        if marker == 0xE0:
+            if not (body.startswith(b"JFIF\0") and len(body) >= 14 and body[12:14] == b"\0\0"):
+                return False
+        elif marker == 0xE2:
+            if not body.startswith(b"ICC_PROFILE\0"):
+                return False
+        elif marker == 0xEE:
+            if not body.startswith(b"Adobe"):
+                return False
+        elif marker in _HUFFMAN_FRAMES:
+            frames += 1
+            if len(body) < 6 or body[0] != 8 or body[5] not in (1, 3):
+                return False  # 8-bit samples, grey or colour (not CMYK)
+            height, width = int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big")
+            if not (0 < width <= max_side and 0 < height <= max_side):
+                return False
+        elif marker == 0xDA:
+            pos += 2 + length
+            while True:  # entropy-coded data: 0xFF is stuffed (FF 00) or a restart marker (FF D0-D7)
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= n:
+                    return False
+                following = data[pos + 1]
+                if following == 0x00 or 0xD0 <= following <= 0xD7:
+                    pos += 2
+                    continue
+                break
+            continue
+        elif marker not in _TABLES:
+            return False
+        pos += 2 + length
+    return False

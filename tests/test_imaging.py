@@ -105,8 +105,12 @@ def _photo_jpeg(size: tuple[int, int], **save: object) -> bytes:
     return _encode(Image.fromarray(photos.coffee()).resize(size), "JPEG", quality=80, **save)
 
 
-def test_a_small_plain_jpeg_is_its_own_thumbnail() -> None:
-    source = _photo_jpeg((384, 256))
+@pytest.mark.parametrize("save", [{}, {"progressive": True}, {"icc_profile": "srgb"}],
+                         ids=["baseline", "progressive", "icc"])
+def test_a_small_plain_jpeg_is_its_own_thumbnail(save: dict) -> None:
+    if save.get("icc_profile") == "srgb":
+        save = {"icc_profile": _srgb_profile()}
+    source = _photo_jpeg((384, 256), **save)
     assert imaging.make_thumbnail(imaging.load_image(source), max_side=400, source=source) is source
 
 
@@ -123,6 +127,8 @@ def _exif_with_gps() -> Image.Exif:
         pytest.param(_photo_jpeg((384, 256), exif=_exif_with_gps()), id="exif-and-gps"),
         pytest.param(_photo_jpeg((384, 256), comment=b"shot at home"), id="comment"),
         pytest.param(_photo_jpeg((384, 256)) + b"trailing bytes", id="data-after-the-end"),
+        pytest.param(_photo_jpeg((384, 256)) + _photo_jpeg((64, 64), exif=_exif_with_gps()), id="a-second-jpeg-after"),
+        pytest.param(_photo_jpeg((384, 256)).replace(b"\xff\xdb", b"junk\xff\xdb", 1), id="bytes-between-segments"),
         pytest.param(_encode(Image.fromarray(photos.coffee()).resize((384, 256)).convert("CMYK"), "JPEG"), id="cmyk"),
         pytest.param(_photo_jpeg((640, 427)), id="larger-than-the-box"),
         pytest.param(_encode(Image.fromarray(photos.coffee()).resize((384, 256)), "PNG"), id="png"),
@@ -159,3 +165,15 @@ def test_a_thumbnail_made_from_cmyk_does_not_keep_the_cmyk_profile() -> None:
     source = _encode(cmyk, "JPEG", icc_profile=cmyk_profile)
     thumb = Image.open(io.BytesIO(imaging.make_thumbnail(imaging.load_image(source), max_side=400, source=source)))
     assert thumb.mode == "RGB" and "icc_profile" not in thumb.info
+
+
+def test_a_huge_colour_profile_stays_out_of_the_thumbnail() -> None:
+    profile = _srgb_profile()
+    huge = profile + bytes(imaging.MAX_THUMBNAIL_PROFILE_BYTES)  # a valid header, padded
+    huge = len(huge).to_bytes(4, "big") + huge[4:]
+    image = Image.fromarray(photos.coffee()).resize((800, 533))
+    image.info["icc_profile"] = huge
+    thumb = Image.open(io.BytesIO(imaging.make_thumbnail(image, max_side=400)))
+    assert "icc_profile" not in thumb.info
+    image.info["icc_profile"] = b"\0" * 16 + b"RGB " + b"\0" * 200  # says RGB, is no profile
+    assert "icc_profile" not in Image.open(io.BytesIO(imaging.make_thumbnail(image, max_side=400))).info

@@ -423,7 +423,8 @@ def _shrink_jpeg(data: bytes, size: int) -> bytes:
 
     with PILImage.open(io.BytesIO(data)) as picture:
         picture.draft("RGB", (size, size))  # JPEG decodes at a reduced scale: cheaper than a full decode
-        return imaging.make_thumbnail(picture.convert("RGB"), max_side=size)  # its colour profile kept
+        # Its colour profile kept; a stored thumbnail already this small is served as it is.
+        return imaging.make_thumbnail(picture.convert("RGB"), max_side=size, source=data, quality=82)
 
 
 @login_required

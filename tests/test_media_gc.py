@@ -133,6 +133,25 @@ def _in_another_connection(work) -> threading.Thread:
     return thread
 
 
+def _finish(thread: threading.Thread) -> None:
+    thread.join(30)
+    assert not thread.is_alive(), "the other connection's work did not finish"
+
+
+def _wait_for_an_advisory_lock_wait(timeout: float = 30) -> None:
+    """Return once some backend waits for an advisory lock (seen from this test's own connection)."""
+    from django.db import connection
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            if cursor.fetchone()[0]:
+                return
+        time.sleep(0.02)
+    raise AssertionError("nobody waited for a file's lock")
+
+
 @pytest.mark.django_db(transaction=True)
 def test_an_upload_whose_shared_file_a_deletion_removes_before_its_row_commits_stores_it_again(
     monkeypatch, owner, owner_client, photos
@@ -151,7 +170,7 @@ def test_an_upload_whose_shared_file_a_deletion_removes_before_its_row_commits_s
 
     def prepare_then_another_request_deletes(*args, **kwargs):
         prepared = prepare(*args, **kwargs)  # the upload has stored (here: reused) the file
-        _in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))).join()
+        _finish(_in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))))
         assert not storage.media_path(prepared.file_path).exists()  # no committed row used it
         return prepared
 
@@ -189,11 +208,11 @@ def test_an_upload_waits_for_a_deletion_checking_its_shared_file_then_stores_it_
     uploaded = []
     upload = _in_another_connection(lambda: uploaded.append(services.image_ingest(
         collection=second, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image))
-    upload.join(0.5)
-    assert upload.is_alive(), "the upload must wait for the deletion that holds its file"
+    _wait_for_an_advisory_lock_wait()  # the upload, its row inserted, waits for the file's lock
+    assert upload.is_alive()
     resume.set()
-    deletion.join(10)
-    upload.join(10)
+    _finish(deletion)
+    _finish(upload)
     assert len(uploaded) == 1
     assert storage.media_path(uploaded[0].file_path).read_bytes() == data
 
@@ -215,10 +234,19 @@ def test_a_worker_stores_again_a_shared_thumbnail_a_deletion_removed_while_it_em
     old.refresh_from_db()
     new = services.image_ingest(collection=second, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image
     mark_ready = ingest.images_mark_ready
+    write_atomic = storage.write_atomic
+    thumbnails_written: list[bytes] = []
+
+    def write_and_keep(relative, data):
+        if relative.startswith("thumbnails/"):
+            thumbnails_written.append(data)
+        write_atomic(relative, data)
+
+    monkeypatch.setattr(storage, "write_atomic", write_and_keep)
 
     def another_request_deletes_first(thumbnails):
         # The worker has written the shared thumbnail; its row does not use it until it commits.
-        _in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))).join()
+        _finish(_in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))))
         assert not storage.media_path(old.thumbnail_path).exists()
         mark_ready(thumbnails)
 
@@ -227,7 +255,7 @@ def test_a_worker_stores_again_a_shared_thumbnail_a_deletion_removed_while_it_em
     new.refresh_from_db()
     assert new.status == "ready" and new.thumbnail_path == old.thumbnail_path
     served = owner_client.get(reverse("media_thumbnail", args=[new.key]))
-    assert served.status_code == 200 and b"".join(served.streaming_content)[:2] == b"\xff\xd8"
+    assert served.status_code == 200 and b"".join(served.streaming_content) == thumbnails_written[0]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -246,7 +274,7 @@ def test_a_folder_import_reads_a_file_again_when_a_deletion_removed_its_stored_c
     bulk_create = Image.objects.bulk_create
 
     def another_request_deletes_first(objs, *args, **kwargs):
-        _in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))).join()
+        _finish(_in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))))
         assert not storage.media_path(old.file_path).exists()
         return bulk_create(objs, *args, **kwargs)
 
@@ -254,3 +282,33 @@ def test_a_folder_import_reads_a_file_again_when_a_deletion_removed_its_stored_c
     summary = imports.import_files([("cat.jpg", source, second)], owner=owner)
     assert summary.accepted == 1
     assert storage.media_path(Image.objects.get(collection=second).file_path).read_bytes() == data
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_folder_import_rejects_only_the_file_it_cannot_store_again(monkeypatch, tmp_path, owner, photos) -> None:
+    """The stored copy was deleted and the source changed since it was read: that file alone is refused."""
+    from webapp import imports
+    from webapp.models import Image
+
+    first = services.collection_create(owner=owner, name="First", visibility="private")
+    second = services.collection_create(owner=owner, name="Second", visibility="private")
+    old = services.image_ingest(collection=first, uploaded_by=owner, data=photos["chelsea.jpg"], name="cat.jpg",
+                                queue=None).image
+    cat, coffee = tmp_path / "cat.jpg", tmp_path / "coffee.png"
+    cat.write_bytes(photos["chelsea.jpg"])
+    coffee.write_bytes(photos["coffee.png"])
+    bulk_create = Image.objects.bulk_create
+
+    def delete_first_and_edit_the_source(objs, *args, **kwargs):
+        _finish(_in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))))
+        cat.write_bytes(photos["coffee.png"])  # edited in place since the import read it
+        return bulk_create(objs, *args, **kwargs)
+
+    monkeypatch.setattr(Image.objects, "bulk_create", delete_first_and_edit_the_source)
+    summary = imports.import_files([("cat.jpg", cat, second), ("coffee.png", coffee, second)], owner=owner)
+    assert summary.accepted == 1
+    assert [name for name, _ in summary.rejected] == ["cat.jpg"] and "add it again" in summary.rejected[0][1]
+    kept = Image.objects.get(collection=second)
+    assert kept.original_name == "coffee.png"
+    assert storage.media_path(kept.file_path).read_bytes() == photos["coffee.png"]
+    assert not storage.media_path(old.file_path).exists()

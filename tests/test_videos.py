@@ -516,3 +516,48 @@ def test_a_long_video_has_longer_before_the_reconciler_calls_its_worker_dead(set
     assert videos.videos_requeue_stale() == 0  # still within what two minutes of video may take
     Video.objects.filter(pk=video.pk).update(updated_at=timezone.now() - timedelta(seconds=allowance + 60))
     assert videos.videos_requeue_stale() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_indexing_a_video_stores_again_the_shared_frames_a_deletion_removed_meanwhile(
+    owner, tmp_path, monkeypatch
+) -> None:
+    """The same clip in two collections shares its frame files: deleting one copy mid-index loses nothing."""
+    import threading
+
+    from django.db import connection
+
+    from webapp import services, storage, tasks, videos
+
+    monkeypatch.setattr(tasks.index_video, "apply_async", lambda *args, **kwargs: None)
+    make_clip(tmp_path / "a.mp4", ["astronaut", "coffee"], [2.0, 2.0])
+    data = (tmp_path / "a.mp4").read_bytes()
+    first = services.collection_create(owner=owner, name="First", visibility="private")
+    second = services.collection_create(owner=owner, name="Second", visibility="private")
+    old = videos.video_ingest(collection=first, uploaded_by=owner, data=data, name="a.mp4").video
+    videos.video_index(video_id=old.pk)
+    old_frames = list(VideoFrame.objects.filter(video=old).values_list("thumbnail_path", flat=True))
+    new = videos.video_ingest(collection=second, uploaded_by=owner, data=data, name="a.mp4").video
+    encoder_current = videos.encoder_current
+
+    def another_request_deletes_the_first_copy(*args, **kwargs):
+        # The frames are written; the new video's rows do not use them until its transaction commits.
+        def delete() -> None:
+            try:
+                videos.video_delete(video=Video.objects.get(pk=old.pk))
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=delete)
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive()
+        assert not any(storage.media_path(path).exists() for path in old_frames)
+        return encoder_current(*args, **kwargs)
+
+    monkeypatch.setattr(videos, "encoder_current", another_request_deletes_the_first_copy)
+    assert videos.video_index(video_id=new.pk) > 0
+    new.refresh_from_db()
+    frames = list(VideoFrame.objects.filter(video=new).values_list("thumbnail_path", flat=True))
+    assert set(frames) == set(old_frames)
+    assert all(storage.media_path(path).is_file() for path in [*frames, new.poster_path, new.strip_path, new.file_path])

@@ -177,7 +177,17 @@ def import_files(
         nonlocal unqueued
         if not batch:
             return
-        results = services.images_ingest_prepared(items=batch, uploaded_by=owner)
+        try:
+            results = services.images_ingest_prepared(items=batch, uploaded_by=owner)
+        except ImageRejected:
+            # A stored file was deleted meanwhile and its source changed: row by row, so only it fails.
+            results = []
+            for collection, name, prepared in batch:
+                try:
+                    results.append(services.image_ingest(collection=collection, uploaded_by=owner, name=name,
+                                                         queue=None, prepared=prepared))
+                except ImageRejected as exc:
+                    summary.rejected.append((name, str(exc)))
         batch.clear()
         created = sum(result.created for result in results)
         summary.accepted += created

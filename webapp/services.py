@@ -236,10 +236,13 @@ def media_collect_garbage(*, older_than_seconds: float = 3600) -> int:
     removed = 0
     for start in range(0, len(candidates), GC_BATCH):
         batch = candidates[start:start + GC_BATCH]
+        in_use = paths_in_use([key for _, key in batch if key])  # most are: no lock for those
+        unused = [(path, key) for path, key in batch if not key or key not in in_use]
         with transaction.atomic():
-            files_lock(key for _, key in batch)  # as a deletion does: an upload may be adding a row
-            referenced = paths_in_use([key for _, key in batch if key])
-            for path, key in batch:
+            # Checked again under the files' locks, as a deletion does: an upload may be adding a row.
+            files_lock(key for _, key in unused)
+            referenced = paths_in_use([key for _, key in unused if key])
+            for path, key in unused:
                 if key and key in referenced:
                     continue
                 path.unlink(missing_ok=True)
@@ -425,7 +428,8 @@ def files_lock(paths: Iterable[str]) -> None:
     Files are shared by content: an upload stores (or reuses) its original before its row
     commits, and a deletion removes a file once no committed row uses it. Both take these
     locks between their check and their commit, so neither can act on what the other has not
-    committed yet. Taken in one order, so two callers never wait on each other.
+    committed yet. One call takes its locks in one order, so two calls never wait on each other;
+    a transaction should make one call (two, in different orders, could deadlock).
     """
     if not connection.in_atomic_block:
         raise RuntimeError("files_lock needs a transaction: the locks last until it ends")

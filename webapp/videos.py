@@ -12,6 +12,7 @@ docs/video.md has the design and its measurements.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -96,7 +97,7 @@ def video_ingest(
     acceptable video: sniffed by content, decoded, within MAX_VIDEO_BYTES, MAX_VIDEO_SECONDS and
     MAX_VIDEO_PIXELS. The same content uploaded twice into one collection returns the first.
     """
-    from webapp.services import _display_name, delete_unreferenced
+    from webapp.services import _display_name, delete_unreferenced, files_keep
 
     if len(data) > settings.MAX_VIDEO_BYTES:
         raise VideoFileTooLarge(
@@ -118,6 +119,7 @@ def video_ingest(
                 codec=info.codec[:50], width=info.width, height=info.height, duration=info.duration,
                 byte_size=len(data),
             )
+            files_keep({relative: functools.partial(bytes, data)})  # a deletion of another copy may have taken it
             transaction.on_commit(lambda: _enqueue_index([video.pk]), robust=True)
     except IntegrityError:
         return VideoIngestResult(Video.objects.get(collection=collection, sha256=sha256), created=False)
@@ -181,10 +183,12 @@ def _jpeg(picture: PILImage.Image, quality: int = 85) -> bytes:
     return out.getvalue()
 
 
-def _store_jpeg(kind: str, picture: PILImage.Image) -> str:
+def _store_jpeg(kind: str, picture: PILImage.Image, written: dict[str, bytes]) -> str:
+    """Store a picture as a content-addressed JPEG; `written` collects it for `services.files_keep`."""
     data = _jpeg(picture)
     relative = storage.content_path(kind, hashlib.sha256(data).hexdigest(), "jpg")
     storage.write_or_keep(relative, data)
+    written[relative] = data
     return relative
 
 
@@ -254,18 +258,20 @@ def _index(video_id: int) -> int:
     recipe = pipeline.recipe()
     vectors = _embed_frames(recipe, frames)
     from webapp import embeddings
+    from webapp.services import files_keep
 
     version = embeddings.embedding_model_ensure(key=recipe.key, backbone=recipe.spec.name,
                                                 dimensions=recipe.dimensions)
-    poster_path = _store_jpeg("thumbnails", rv.poster(frames).image)
-    strip_path = _store_jpeg("strips", rv.keyframe_strip(frames, height=settings.VIDEO_STRIP_HEIGHT))
+    written: dict[str, bytes] = {}
+    poster_path = _store_jpeg("thumbnails", rv.poster(frames).image, written)
+    strip_path = _store_jpeg("strips", rv.keyframe_strip(frames, height=settings.VIDEO_STRIP_HEIGHT), written)
     # Two samples may round to one millisecond (a clamped or guessed timestamp): keep the first.
     first_at: dict[float, int] = {}
     for index, frame in enumerate(frames):
         first_at.setdefault(round(frame.timestamp, 3), index)
     keep = sorted(first_at.values())
     frames, vectors = [frames[i] for i in keep], vectors[keep]
-    frame_paths = [_store_jpeg("frames", frame.image) for frame in frames]
+    frame_paths = [_store_jpeg("frames", frame.image, written) for frame in frames]
     encoder = encoder_current(version=version)
     encoded = encode_videos(encoder, [vectors])[0] if encoder is not None else None
     with transaction.atomic():
@@ -291,6 +297,9 @@ def _index(video_id: int) -> int:
             status=ImageStatus.READY, error="", poster_path=poster_path, strip_path=strip_path,
             processed_at=timezone.now(),
         )
+        # Shared by content (a frame of the same video in another collection): a deletion may
+        # have removed one since it was written.
+        files_keep({relative: functools.partial(bytes, data) for relative, data in written.items()})
     logger.info("indexed video %s: %s frames", video_id, len(rows))
     return len(rows)
 

@@ -134,3 +134,46 @@ def test_result_rows_load_as_the_orm_would_load_them(django_assert_num_queries) 
     with django_assert_num_queries(0):
         assert loaded[images[1].pk].collection.name == "two"  # cached: no query to read it
 
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_workers_building_a_new_versions_index_at_once_both_succeed(monkeypatch) -> None:
+    """Two bulk workers store their first batches on a fresh database at the same moment."""
+    import threading
+
+    from webapp import embeddings, vector_index
+    from webapp.models import EmbeddingModel
+
+    exists = vector_index.exists
+    checked = threading.Barrier(2)
+
+    def exists_then_meet(*args, **kwargs):
+        found = exists(*args, **kwargs)
+        try:  # both have looked for the index before either builds it, unless one must wait its turn
+            checked.wait(1)
+        except threading.BrokenBarrierError:
+            pass
+        return found
+
+    monkeypatch.setattr(vector_index, "exists", exists_then_meet)
+    for attempt in range(3):
+        version = EmbeddingModel.objects.create(key=f"race@{attempt}", backbone="race", dimensions=8)
+        checked.reset()
+        barrier, errors = threading.Barrier(2), []
+
+        def build(version: EmbeddingModel, barrier: threading.Barrier, errors: list[Exception]) -> None:
+            try:
+                barrier.wait(10)
+                embeddings.embedding_index_build(version=version)
+            except Exception as exc:  # noqa: BLE001 - the test reports it
+                errors.append(exc)
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=build, args=(version, barrier, errors)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert errors == []
+        assert embeddings.embedding_index_exists(version=version)

@@ -58,6 +58,9 @@ def embedding_model_ensure(*, key: str, backbone: str, dimensions: int) -> Embed
     return version
 
 
+#: First key of the advisory lock a version's index build holds (the second is the version's id).
+INDEX_BUILD_LOCK = 5_140_001
+
 #: Versions this process has seen an index for: the worker ensures its version on every batch,
 #: and an active version's index is never dropped, so it is looked up once per process.
 _INDEXED: set[int] = set()
@@ -67,7 +70,11 @@ def embedding_index_build(*, version: EmbeddingModel) -> None:
     """Build the version's HNSW index if it has none (idempotent; quick when it exists)."""
     if version.pk in _INDEXED:
         return
-    with connection.cursor() as cursor:
+    # One builder at a time: two bulk workers storing their first batches on a fresh database
+    # both found no index, and one CREATE INDEX IF NOT EXISTS failed on the catalog's unique
+    # name ("pg_class_relname_nsp_index"), leaving its batch in `processing` for the reconciler.
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [INDEX_BUILD_LOCK, int(version.pk)])
         if vector_index.exists(cursor, version_id=version.pk):
             if version.is_active:
                 _INDEXED.add(version.pk)

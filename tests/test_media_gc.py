@@ -152,6 +152,20 @@ def _wait_for_an_advisory_lock_wait(timeout: float = 30) -> None:
     raise AssertionError("nobody waited for a file's lock")
 
 
+def _a_copy_elsewhere(owner, data: bytes):
+    """(a second collection, an image of `data` in a first one): the same photo will be added to the second."""
+    first = services.collection_create(owner=owner, name="First", visibility="private")
+    second = services.collection_create(owner=owner, name="Second", visibility="private")
+    return second, services.image_ingest(collection=first, uploaded_by=owner, data=data, name="cat.jpg",
+                                         queue=None).image
+
+
+def _another_request_deletes(image) -> None:
+    from webapp.models import Image
+
+    _finish(_in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=image.pk))))
+
+
 @pytest.mark.django_db(transaction=True)
 def test_an_upload_whose_shared_file_a_deletion_removes_before_its_row_commits_stores_it_again(
     monkeypatch, owner, owner_client, photos
@@ -163,14 +177,12 @@ def test_an_upload_whose_shared_file_a_deletion_removes_before_its_row_commits_s
     from webapp.models import Image
 
     data = photos["chelsea.jpg"]
-    first = services.collection_create(owner=owner, name="First", visibility="private")
-    second = services.collection_create(owner=owner, name="Second", visibility="private")
-    old = services.image_ingest(collection=first, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image
+    second, old = _a_copy_elsewhere(owner, data)
     prepare = services.image_prepare
 
     def prepare_then_another_request_deletes(*args, **kwargs):
         prepared = prepare(*args, **kwargs)  # the upload has stored (here: reused) the file
-        _finish(_in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))))
+        _another_request_deletes(old)
         assert not storage.media_path(prepared.file_path).exists()  # no committed row used it
         return prepared
 
@@ -190,9 +202,7 @@ def test_an_upload_waits_for_a_deletion_checking_its_shared_file_then_stores_it_
     monkeypatch, owner, photos
 ) -> None:
     data = photos["chelsea.jpg"]
-    first = services.collection_create(owner=owner, name="First", visibility="private")
-    second = services.collection_create(owner=owner, name="Second", visibility="private")
-    old = services.image_ingest(collection=first, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image
+    second, old = _a_copy_elsewhere(owner, data)
     checked, resume = threading.Event(), threading.Event()
     in_use = services.paths_in_use
 
@@ -224,12 +234,9 @@ def test_a_worker_stores_again_a_shared_thumbnail_a_deletion_removed_while_it_em
     from django.urls import reverse
 
     from webapp import ingest
-    from webapp.models import Image
 
     data = photos["chelsea.jpg"]
-    first = services.collection_create(owner=owner, name="First", visibility="private")
-    second = services.collection_create(owner=owner, name="Second", visibility="private")
-    old = services.image_ingest(collection=first, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image
+    second, old = _a_copy_elsewhere(owner, data)
     services.image_embed(image_id=old.pk)
     old.refresh_from_db()
     new = services.image_ingest(collection=second, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image
@@ -246,7 +253,7 @@ def test_a_worker_stores_again_a_shared_thumbnail_a_deletion_removed_while_it_em
 
     def another_request_deletes_first(thumbnails):
         # The worker has written the shared thumbnail; its row does not use it until it commits.
-        _finish(_in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))))
+        _another_request_deletes(old)
         assert not storage.media_path(old.thumbnail_path).exists()
         mark_ready(thumbnails)
 
@@ -266,15 +273,13 @@ def test_a_folder_import_reads_a_file_again_when_a_deletion_removed_its_stored_c
     from webapp.models import Image
 
     data = photos["chelsea.jpg"]
-    first = services.collection_create(owner=owner, name="First", visibility="private")
-    second = services.collection_create(owner=owner, name="Second", visibility="private")
-    old = services.image_ingest(collection=first, uploaded_by=owner, data=data, name="cat.jpg", queue=None).image
+    second, old = _a_copy_elsewhere(owner, data)
     source = tmp_path / "cat.jpg"
     source.write_bytes(data)
     bulk_create = Image.objects.bulk_create
 
     def another_request_deletes_first(objs, *args, **kwargs):
-        _finish(_in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))))
+        _another_request_deletes(old)
         assert not storage.media_path(old.file_path).exists()
         return bulk_create(objs, *args, **kwargs)
 
@@ -290,17 +295,14 @@ def test_a_folder_import_rejects_only_the_file_it_cannot_store_again(monkeypatch
     from webapp import imports
     from webapp.models import Image
 
-    first = services.collection_create(owner=owner, name="First", visibility="private")
-    second = services.collection_create(owner=owner, name="Second", visibility="private")
-    old = services.image_ingest(collection=first, uploaded_by=owner, data=photos["chelsea.jpg"], name="cat.jpg",
-                                queue=None).image
+    second, old = _a_copy_elsewhere(owner, photos["chelsea.jpg"])
     cat, coffee = tmp_path / "cat.jpg", tmp_path / "coffee.png"
     cat.write_bytes(photos["chelsea.jpg"])
     coffee.write_bytes(photos["coffee.png"])
     bulk_create = Image.objects.bulk_create
 
     def delete_first_and_edit_the_source(objs, *args, **kwargs):
-        _finish(_in_another_connection(lambda: services.image_delete(image=Image.objects.get(pk=old.pk))))
+        _another_request_deletes(old)
         cat.write_bytes(photos["coffee.png"])  # edited in place since the import read it
         return bulk_create(objs, *args, **kwargs)
 

@@ -5,7 +5,10 @@ Each ends with every image ready and embedded exactly once, with no manual actio
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from django.conf import settings
@@ -67,22 +70,37 @@ def _photo_set(photos) -> dict[str, bytes]:
     return files
 
 
+@contextmanager
+def _workers_stall_before_storing(files: Iterable[bytes]) -> Iterator[None]:
+    """Hold the files' thumbnail locks: a worker claims images, embeds them, then waits to store.
+
+    A worker used to finish a handful of photos in 0.3 s, before the test saw one in progress.
+    """
+    from django.db import transaction
+
+    from webapp import services, storage
+
+    paths = [storage.content_path("thumbnails", hashlib.sha256(data).hexdigest(), "jpg") for data in files]
+    with transaction.atomic():
+        services.files_lock(paths)
+        yield
+
+
 def test_a_worker_killed_mid_task_loses_no_image(fast_worker, owner_client, photos) -> None:
     files = _photo_set(photos)
     key = _collection(owner_client)
     fast_worker.kill()  # no worker while uploading: the queue fills up
     assert _upload(owner_client, key, files).status_code == 202
-    # Not waiting for a ping: a solo worker busy with the backlog answers none until it is done.
-    fast_worker.start(wait=False, **FAST_RECONCILE)
-    # The first task loads the CNN (seconds): the image sits in "processing" meanwhile.
-    _wait(lambda: Image.objects.filter(status=ImageStatus.PROCESSING).exists(), 60, "a task in progress")
-    fast_worker.kill()
+    with _workers_stall_before_storing(files.values()):
+        # Not waiting for a ping: a solo worker busy with the backlog answers none until it is done.
+        fast_worker.start(wait=False, **FAST_RECONCILE)
+        _wait(lambda: Image.objects.filter(status=ImageStatus.PROCESSING).exists(), 60, "a task in progress")
+        fast_worker.kill()
     # One upload's own task, or, when the worker took longer than RECONCILE_PENDING_AFTER (3 s
     # here) to start, a batch the reconciler queued for the whole backlog: either way some
-    # images are claimed by a process that is now dead.
-    in_flight = Image.objects.filter(status=ImageStatus.PROCESSING).count()
-    assert in_flight >= 1
-    assert Image.objects.filter(status=ImageStatus.READY).count() < len(files)
+    # images are claimed by a process that is now dead, and none was stored.
+    assert Image.objects.filter(status=ImageStatus.PROCESSING).count() >= 1
+    assert Image.objects.filter(status=ImageStatus.READY).count() == 0
 
     fast_worker.start(wait=False, **FAST_RECONCILE)
     _wait(lambda: Image.objects.filter(status=ImageStatus.READY).count() == len(files), 120, "all images ready")
@@ -101,11 +119,12 @@ def test_a_worker_killed_mid_batch_loses_no_image(fast_worker, owner, photos, tm
     call_command("import_folder", str(tmp_path), "--owner", owner.username, "--no-progress", stdout=io.StringIO())
     total = Image.objects.count()
     assert total == len(photos) * 2
-    fast_worker.start(wait=False, **FAST_RECONCILE)
-    _wait(lambda: Image.objects.filter(status=ImageStatus.PROCESSING).exists(), 60, "a batch in progress")
-    fast_worker.kill()
+    with _workers_stall_before_storing(_photo_set(photos).values()):
+        fast_worker.start(wait=False, **FAST_RECONCILE)
+        _wait(lambda: Image.objects.filter(status=ImageStatus.PROCESSING).exists(), 60, "a batch in progress")
+        fast_worker.kill()
     assert Image.objects.filter(status=ImageStatus.PROCESSING).count() > 1  # a whole batch was claimed
-    assert Image.objects.filter(status=ImageStatus.READY).count() < total
+    assert Image.objects.filter(status=ImageStatus.READY).count() == 0
 
     fast_worker.start(wait=False, **FAST_RECONCILE)
     _wait(lambda: Image.objects.filter(status=ImageStatus.READY).count() == total, 120, "all images ready")

@@ -54,9 +54,9 @@ class Collection(models.Model):
         return self.name
 
     def get_absolute_url(self) -> str:
-        from django.urls import reverse
+        from webapp.links import keyed_url
 
-        return reverse("collection", args=[self.key])
+        return keyed_url("collection", self.key)
 
 
 class CollectionEditor(models.Model):
@@ -146,9 +146,9 @@ class Image(Upload):
         ]
 
     def get_absolute_url(self) -> str:
-        from django.urls import reverse
+        from webapp.links import keyed_url
 
-        return reverse("image", args=[self.key])
+        return keyed_url("image", self.key)
 
 
 class ImageTag(models.Model):
@@ -309,9 +309,9 @@ class Video(Upload):
         ]
 
     def get_absolute_url(self) -> str:
-        from django.urls import reverse
+        from webapp.links import keyed_url
 
-        return reverse("video", args=[self.key])
+        return keyed_url("video", self.key)
 
 
 class VideoFrame(models.Model):

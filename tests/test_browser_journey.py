@@ -9,8 +9,11 @@ copied by hand when the pages change).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from tests.conftest import ARTIFACTS, near_copy
 from webapp import tagging
@@ -47,7 +50,9 @@ def test_a_visitor_signs_up_uploads_walks_searches_and_filters(
     page.fill("#id_name", "Around the house")
     page.check("input[name=visibility][value=public]")
     page.click("main button[type=submit]")
-    assert "/c/" in page.url
+    # Wait for the new page's load event: a click returns once its navigation commits, before
+    # the deferred collection.js runs, and files chosen before then would go nowhere.
+    page.wait_for_url(re.compile(r"/c/[^/]+/$"))
 
     files = {**{name: photos[name] for name in ("chelsea.jpg", "coffee.png", "astronaut.jpg", "rocket.webp")},
              "chelsea-copy.jpg": near_copy(photos["chelsea.jpg"])}
@@ -55,8 +60,12 @@ def test_a_visitor_signs_up_uploads_walks_searches_and_filters(
     payload = [{"name": name, "mimeType": mime[name.rsplit(".", 1)[1]], "buffer": data} for name, data in files.items()]
     payload.append({"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"})
     page.set_input_files("#files", payload)
-    page.wait_for_function("() => document.querySelectorAll('.upload-row[data-outcome=accepted]').length === 5"
-                           " && document.querySelectorAll('.upload-row[data-outcome=rejected]').length === 1")
+    try:
+        page.wait_for_function("() => document.querySelectorAll('.upload-row[data-outcome=accepted]').length === 5"
+                               " && document.querySelectorAll('.upload-row[data-outcome=rejected]').length === 1")
+    except PlaywrightTimeoutError:
+        rows = page.locator(".upload-row").all_inner_texts()
+        pytest.fail(f"the uploads did not end as expected; their rows read {rows}")
     rejected = page.locator(".upload-row[data-outcome=rejected]").inner_text()
     assert "notes.txt" in rejected and "Rejected: " in rejected
     page.wait_for_function("() => document.querySelectorAll('#grid .tile[data-status=ready]').length === 5",
@@ -81,7 +90,7 @@ def test_a_visitor_signs_up_uploads_walks_searches_and_filters(
     _shot(page, "collection")
 
     page.click("a.tag:has-text('tabby')")
-    assert "tag=tabby" in page.url
+    page.wait_for_url(re.compile(r"[?&]tag=tabby"))  # loaded, so the grid is whole before it is counted
     assert page.locator("#grid .tile").count() == 2
 
     page.goto(app + Image.objects.get(original_name="chelsea.jpg").get_absolute_url())

@@ -34,28 +34,36 @@ def test_top_k_equals_exact_numpy_ranking_with_distances(admin_user) -> None:
     np.testing.assert_allclose([r.similarity for r in results], similarity[expected], atol=1e-4)
 
 
-def test_query_expansion_equals_the_numpy_reference(admin_user) -> None:
+def test_query_expansion_re_ranks_one_walks_pool_as_the_numpy_reference_does(admin_user, monkeypatch) -> None:
     from retrieval.reranking import expand_query
 
     version = default_version()
     collection = CollectionFactory()
     centre = unit_vector(5)
-    vectors = np.stack([centre + 0.9 * unit_vector(seed) for seed in range(40)])
+    vectors = np.stack([centre + 0.9 * unit_vector(seed) for seed in range(120)])  # more rows than the pool
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    images = [ImageFactory(collection=collection) for _ in range(40)]
+    images = [ImageFactory(collection=collection) for _ in range(120)]
     for image, vector in zip(images, vectors, strict=True):
         embed(image, vector, version)
     query = unit_vector(77) + centre
     query /= np.linalg.norm(query)
+    walks: list[int] = []
+    real = sim.nearest_hits
+    monkeypatch.setattr(sim, "nearest_hits", lambda **kwargs: walks.append(kwargs["k"]) or real(**kwargs))
 
     results = sim.vector_similar(vector=query, version=version, viewer=admin_user, k=8, expand=5)
 
-    first = np.argsort(-(half(vectors) @ half(query)))[:5]
-    expanded = expand_query(query, half(vectors[first]), n=5, alpha=3.0)
+    pool_size = sim.QE_POOL_FACTOR * (8 + sim.COLLAPSE_MARGIN)
+    assert walks == [pool_size]  # one graph walk: the expanded query re-ranks its pool
+    pool = np.argsort(-(half(vectors) @ half(query)))[:pool_size]
+    expanded = expand_query(query, half(vectors[pool[:5]]), n=5, alpha=3.0)
     similarity = half(vectors) @ half(expanded)
-    expected = np.argsort(-similarity)[:8]
+    expected = pool[np.argsort(-similarity[pool], kind="stable")][:8]
     assert [r.image.pk for r in results] == [images[i].pk for i in expected]
-    np.testing.assert_allclose([r.similarity for r in results], similarity[expected], atol=1e-4)
+    # Distances as PostgreSQL gives them for a search with the expanded vector itself.
+    walked = {r.image.pk: r.similarity for r in sim.vector_similar(vector=expanded, version=version,
+                                                                   viewer=admin_user, k=40, expand=0)}
+    np.testing.assert_allclose([r.similarity for r in results], [walked[r.image.pk] for r in results], atol=1e-4)
     plain = sim.vector_similar(vector=query, version=version, viewer=admin_user, k=8, expand=0)
     assert [r.image.pk for r in plain] != [r.image.pk for r in results]
 

@@ -7,7 +7,8 @@ go through `similarity.images_search` (the function every page and API call uses
 viewers: an admin (no filter), a user who may see 10% of the rows, one who may see 1%.
 
 For each: p50/p95 latency and recall@10 against the exact answer over the same half-precision
-vectors; the same queries as a forced exact scan (`similarity.nearest(plan="exact")`) and as
+vectors (without query expansion; its latency as pages search, k 12, is timed too); the same
+queries as a forced exact scan (`similarity.nearest(plan="exact")`) and as
 numpy in memory (the reference floor); the ratios. Optionally (--storage) a side experiment
 on scratch tables: `vector` vs `halfvec` storage, built and queried with the same settings.
 Optionally (--pages) the image page under 8 concurrent clients (Django test client, processes),
@@ -39,6 +40,7 @@ DIM = 1280
 CLUSTERS = 1000
 COLLECTIONS = 100  # each holds 1% of the rows: a viewer's filter is a whole number of them
 K = 10
+PAGE_K = 12  # what the image page shows
 EXACT_QUERIES = 20
 
 
@@ -220,6 +222,12 @@ def measure(world: dict, vectors: np.ndarray, queries: np.ndarray) -> list[dict[
                                                k=K, expand=0)
             app_t.append((time.perf_counter() - started) * 1000)
             answers.append([r.image.pk for r in results])
+        # As pages and the API search: with query expansion (SIMILAR_QE) and k 12.
+        expanded_t = []
+        for q in queries:
+            started = time.perf_counter()
+            similarity.images_search(query=SearchQuery(positives=[q]), version=version, viewer=viewer, k=PAGE_K)
+            expanded_t.append((time.perf_counter() - started) * 1000)
         walks = []
         for q in queries:
             started = time.perf_counter()
@@ -245,7 +253,9 @@ def measure(world: dict, vectors: np.ndarray, queries: np.ndarray) -> list[dict[
             exact_recalls.append(len(truth.intersection(i for i, _ in exact)) / K)
         connection.close()
         app, ex, npy, hn = percentiles(app_t), percentiles(exact_t), percentiles(numpy_t), percentiles(hnsw_t)
+        qe = percentiles(expanded_t)
         report.append({"filter": label, "rows": int(mask.sum()), "plan": plan, "app_p50": app[0], "app_p95": app[1],
+                       "app_qe_p50": qe[0], "app_qe_p95": qe[1],
                        "recall": float(np.mean(recalls)), "min_recall": float(np.min(recalls)), "short": short,
                        "exact_p50": ex[0], "exact_p95": ex[1], "exact_recall": float(np.mean(exact_recalls)),
                        "numpy_p50": npy[0], "numpy_p95": npy[1], "hnsw_p50": hn[0], "hnsw_p95": hn[1],
@@ -439,11 +449,13 @@ def main() -> None:
             print(f"{timing}table {world['table_bytes'] / 2**20:.0f} MB, index "
                   f"{world['index_bytes'] / 2**20:.0f} MB", flush=True)
             report = measure(world, vectors, queries)
-            print("\n| filter | rows | plan | app p50 / p95 ms | app recall@10 (min) | short | HNSW p50 / p95 ms "
-                  "(recall) | exact p50 / p95 ms | numpy p50 ms | exact / app (p50) | app / numpy (p50) |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|")
+            print("\n| filter | rows | plan | app p50 / p95 ms | app + QE, k 12: p50 / p95 ms | app recall@10 (min) | "
+                  "short | HNSW p50 / p95 ms (recall) | exact p50 / p95 ms | numpy p50 ms | exact / app (p50) | "
+                  "app / numpy (p50) |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
             for r in report:
                 print(f"| {r['filter']} | {r['rows']} | {r['plan']} | {r['app_p50']:.1f} / {r['app_p95']:.1f} | "
+                      f"{r['app_qe_p50']:.1f} / {r['app_qe_p95']:.1f} | "
                       f"{r['recall']:.3f} ({r['min_recall']:.1f}) | {r['short']} | {r['hnsw_p50']:.1f} / "
                       f"{r['hnsw_p95']:.1f} ({r['hnsw_recall']:.3f}) | {r['exact_p50']:.1f} / {r['exact_p95']:.1f} | "
                       f"{r['numpy_p50']:.1f} | {r['exact_p50'] / r['app_p50']:.1f}x | "

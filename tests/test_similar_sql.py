@@ -34,11 +34,21 @@ def test_top_k_equals_exact_numpy_ranking_with_distances(admin_user) -> None:
     np.testing.assert_allclose([r.similarity for r in results], similarity[expected], atol=1e-4)
 
 
-def test_query_expansion_re_ranks_one_walks_pool_as_the_numpy_reference_does(admin_user, monkeypatch) -> None:
+@pytest.mark.parametrize(("viewer", "exact_below", "plan", "pool_factor"), [
+    ("admin", 20000, "hnsw", sim.QE_POOL_FACTOR),  # an unfiltered walk
+    ("owner", 20000, "exact", sim.QE_POOL_FACTOR),  # a scan over few rows
+    ("owner", 0, "hnsw", 1),  # a filtered walk: its pool is what one pass yields
+])
+def test_query_expansion_re_ranks_one_searchs_pool_as_the_numpy_reference_does(
+    admin_user, owner, settings, monkeypatch, viewer, exact_below, plan, pool_factor
+) -> None:
     from retrieval.reranking import expand_query
 
+    settings.EXACT_SEARCH_MAX_ROWS = exact_below
+    viewer = admin_user if viewer == "admin" else owner
     version = default_version()
-    collection = CollectionFactory()
+    collection = CollectionFactory(owner=owner)
+    CollectionFactory(owner=admin_user)  # a collection the owner may not see: the owner's search is filtered
     centre = unit_vector(5)
     vectors = np.stack([centre + 0.9 * unit_vector(seed) for seed in range(120)])  # more rows than the pool
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -47,25 +57,30 @@ def test_query_expansion_re_ranks_one_walks_pool_as_the_numpy_reference_does(adm
         embed(image, vector, version)
     query = unit_vector(77) + centre
     query /= np.linalg.norm(query)
+    assert sim.choose_plan(sim.search_scope(version=version, viewer=viewer)) == plan
     walks: list[int] = []
     real = sim.nearest_hits
     monkeypatch.setattr(sim, "nearest_hits", lambda **kwargs: walks.append(kwargs["k"]) or real(**kwargs))
 
-    results = sim.vector_similar(vector=query, version=version, viewer=admin_user, k=8, expand=5)
+    results = sim.vector_similar(vector=query, version=version, viewer=viewer, k=8, expand=5)
 
-    pool_size = sim.QE_POOL_FACTOR * (8 + sim.COLLAPSE_MARGIN)
-    assert walks == [pool_size]  # one graph walk: the expanded query re-ranks its pool
+    pool_size = pool_factor * (8 + sim.COLLAPSE_MARGIN)
+    assert walks == [pool_size]  # one search: the expanded query re-ranks its pool
     pool = np.argsort(-(half(vectors) @ half(query)))[:pool_size]
     expanded = expand_query(query, half(vectors[pool[:5]]), n=5, alpha=3.0)
     similarity = half(vectors) @ half(expanded)
     expected = pool[np.argsort(-similarity[pool], kind="stable")][:8]
     assert [r.image.pk for r in results] == [images[i].pk for i in expected]
     # Distances as PostgreSQL gives them for a search with the expanded vector itself.
-    walked = {r.image.pk: r.similarity for r in sim.vector_similar(vector=expanded, version=version,
-                                                                   viewer=admin_user, k=40, expand=0)}
+    walked = {r.image.pk: r.similarity for r in real_similar(expanded, version, viewer, k=40)}
     np.testing.assert_allclose([r.similarity for r in results], [walked[r.image.pk] for r in results], atol=1e-4)
-    plain = sim.vector_similar(vector=query, version=version, viewer=admin_user, k=8, expand=0)
+    plain = real_similar(query, version, viewer, k=8)
     assert [r.image.pk for r in plain] != [r.image.pk for r in results]
+
+
+def real_similar(vector: np.ndarray, version, viewer, *, k: int) -> list[sim.SimilarImage]:
+    """A search without query expansion, the nearest rows exactly as PostgreSQL orders them."""
+    return sim.vector_similar(vector=vector, version=version, viewer=viewer, k=k, expand=0)
 
 
 def test_the_similar_query_itself_is_answered_by_the_hnsw_index(admin_user) -> None:

@@ -347,9 +347,10 @@ def _unit(vector: np.ndarray) -> np.ndarray:
 #: fewer than k, the search runs once more with COLLAPSE_RETRY_FACTOR x k candidates.
 COLLAPSE_MARGIN = 4
 COLLAPSE_RETRY_FACTOR = 3
-#: Query expansion re-ranks the first walk's QE_POOL_FACTOR x (k + COLLAPSE_MARGIN) nearest rows
-#: instead of walking the graph again. On Corel-1k, of a second walk's top 12, a pool of 16 rows
-#: kept 94.0%, 24 rows 99.05%, 32 rows (the page's 2 x (12 + 4)) 99.75% (docs/search.md).
+#: Query expansion re-ranks the first search's QE_POOL_FACTOR x (k + COLLAPSE_MARGIN) nearest rows
+#: instead of searching again; a filtered graph walk's pool is k + COLLAPSE_MARGIN. On Corel-1k,
+#: of a second search's top 12, a pool of 16 rows kept 94.0% (precision@12 0.9714), 32 rows (the
+#: page's 2 x (12 + 4)) 99.75% (0.9722); the second search gave 0.9725 (docs/search.md).
 QE_POOL_FACTOR = 2
 
 
@@ -381,10 +382,9 @@ def _search_rows(
 ) -> list[tuple[int, float]]:
     """Return (image id, cosine distance) of the k results, re-ranked and collapsed.
 
-    One graph walk serves query expansion: it fetches QE_POOL_FACTOR x the rows wanted, their
-    first `n` make the expanded query, and the expanded query re-ranks that pool (the vectors come
-    with the rows). A second walk with the expanded query finds 99.75% of the same top 12 on
-    Corel-1k and costs a whole (filtered) graph walk more (QE_POOL_FACTOR).
+    One search serves query expansion: it fetches a pool of rows with their vectors, the first
+    `n` make the expanded query, and the expanded query re-ranks the pool (QE_POOL_FACTOR). A
+    second search with the expanded query cost a whole graph walk or exact scan more.
     """
     plan = choose_plan(scope, generation=generation)
     vector = query.vector()
@@ -392,7 +392,11 @@ def _search_rows(
     collapsing = settings.NEAR_DUPLICATE_DISTANCE > 0
     wanted = k + COLLAPSE_MARGIN if collapsing else k
     if n > 0:
-        pool = nearest_hits(vector=vector, scope=scope, k=max(n, QE_POOL_FACTOR * wanted), plan=plan)
+        # A filtered walk yields about ef_search x the filter's share per pass (20 at 10%); a
+        # larger pool makes it walk on, which cost more than the second search saved (docs/search.md).
+        filtered_walk = plan == "hnsw" and scope.collection_ids is not None
+        size = max(n, wanted if filtered_walk else QE_POOL_FACTOR * wanted)
+        pool = nearest_hits(vector=vector, scope=scope, k=size, plan=plan)
         if pool:
             vector = expand_query(vector, np.stack([v for _, _, v in pool[:n]]), n=n, alpha=settings.SIMILAR_ALPHA)
         hits = rerank(pool, vector)[:wanted]

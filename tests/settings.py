@@ -36,3 +36,8 @@ SEARCH_TIMEOUT = 60.0  # the first query waits for the worker to load the CNN
 # timing. Tests of the limiter set their own rates (tests/test_security.py, tests/test_api.py).
 RATE_LIMIT_UPLOAD = (0, 1)
 RATE_LIMIT_SEARCH = (0, 1)
+
+# Most tests search a handful of rows and check what the HNSW index answers, so the index is
+# there from the first vector; tests/test_index_threshold.py checks the default's behaviour.
+if "HNSW_INDEX_MIN_ROWS" not in os.environ:  # a test's own worker may be started with another
+    HNSW_INDEX_MIN_ROWS = 0

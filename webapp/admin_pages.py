@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
 from django.contrib import admin, messages
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
-from webapp import gan_runs, imports, selectors, services
+from webapp import embeddings, gan_runs, imports, selectors, services
 from webapp.forms import ZipImportForm
 from webapp.models import Collection
 
@@ -56,13 +57,16 @@ def health(request: HttpRequest) -> HttpResponse:
         count = services.image_reembed(image_ids=[image.pk for image in failed])
         messages.success(request, f"{count} failed image(s) queued for embedding again.")
         return redirect("admin_health")
+    version = selectors.active_model_version()
     context = {
         **admin.site.each_context(request),
         "title": "Index health",
         "statuses": selectors.images_per_status(),
         "queues": _queue_lengths(),
         "workers": _workers(),
-        "model_version": selectors.active_model_version(),
+        "model_version": version,
+        "indexed": version is not None and embeddings.embedding_index_ready(version=version),
+        "index_min_rows": settings.HNSW_INDEX_MIN_ROWS,
         "failed": failed,
     }
     response = render(request, "admin/simili_health.html", context)

@@ -33,9 +33,10 @@ class VectorRow:
 def embedding_model_ensure(*, key: str, backbone: str, dimensions: int) -> EmbeddingModel:
     """Return the model version row for a recipe key, creating it once.
 
-    The first version becomes active with an (empty) index that grows with each upload; a later
-    one gets its index built in one go once re-indexing has filled it (embedding_index_build),
-    which is several times faster than growing the graph one insert at a time.
+    The first version becomes active and gets its index once it holds HNSW_INDEX_MIN_ROWS
+    vectors, then the graph grows with each upload; a later one gets its index built in one go
+    once re-indexing has filled it (embedding_index_build), which is several times faster than
+    growing the graph one insert at a time.
     """
     if dimensions > MAX_INDEXED_DIMENSIONS:
         raise ValueError(
@@ -54,7 +55,7 @@ def embedding_model_ensure(*, key: str, backbone: str, dimensions: int) -> Embed
         except IntegrityError:
             pass  # another worker activated a version first
     if version.is_active:
-        embedding_index_build(version=version)
+        embedding_index_build(version=version, when_due=True)
     return version
 
 
@@ -66,10 +67,19 @@ INDEX_BUILD_LOCK = 5_140_001
 _INDEXED: set[int] = set()
 
 
-def embedding_index_build(*, version: EmbeddingModel) -> None:
-    """Build the version's HNSW index if it has none (idempotent; quick when it exists)."""
+def embedding_index_build(*, version: EmbeddingModel, when_due: bool = False) -> None:
+    """Build the version's HNSW index if it has none (idempotent; quick when it exists).
+
+    With `when_due`, only once the version holds HNSW_INDEX_MIN_ROWS vectors: until then its
+    searches scan exactly (`embedding_index_ready`), and uploads do not grow a graph one insert
+    at a time. The build blocks writes to the table while it runs (about 7 s at 10,000 rows).
+    """
     if version.pk in _INDEXED:
         return
+    if when_due:
+        with connection.cursor() as cursor:
+            if not vector_index.rows_reach(cursor, version_id=version.pk, rows=settings.HNSW_INDEX_MIN_ROWS):
+                return
     # One builder at a time: two bulk workers storing their first batches on a fresh database
     # both found no index, and one CREATE INDEX IF NOT EXISTS failed on the catalog's unique
     # name ("pg_class_relname_nsp_index"), leaving its batch in `processing` for the reconciler.
@@ -96,6 +106,16 @@ def embedding_index_drop(*, version: EmbeddingModel) -> None:
 def embedding_index_exists(*, version: EmbeddingModel) -> bool:
     with connection.cursor() as cursor:
         return vector_index.exists(cursor, version_id=version.pk)
+
+
+def embedding_index_ready(*, version: EmbeddingModel) -> bool:
+    """Whether searches of this version can walk its HNSW index (remembered once seen for the active one)."""
+    if version.pk in _INDEXED:
+        return True
+    found = embedding_index_exists(version=version)
+    if found and version.is_active:
+        _INDEXED.add(version.pk)
+    return found
 
 
 def register_vector_types() -> None:

@@ -156,6 +156,8 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
                              for item in good if item.job.image_id in alive})
     for image_id in set(thumbnails) - alive:  # deleted while we worked
         services.delete_unreferenced(thumbnails[image_id])
+    if version.is_active:  # the batch that brings the version to HNSW_INDEX_MIN_ROWS builds its index
+        embeddings.embedding_index_build(version=version, when_due=True)
     for collection_id in {item.job.collection_id for item in good}:
         services.schedule_augment(collection_id)
     return len(alive)

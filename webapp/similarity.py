@@ -31,7 +31,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 
 from retrieval.reranking import expand_query
-from webapp.embeddings import binary_cursor
+from webapp.embeddings import binary_cursor, embedding_index_ready
 from webapp.models import Collection, EmbeddingModel, Image, NearDuplicate
 from webapp.selectors import Viewer, active_model_version, is_admin, listed_filter
 
@@ -162,12 +162,14 @@ PLAN_MEMORY = 1024
 def choose_plan(scope: Scope, *, generation: str | None = None) -> Plan:
     """Exact for a filter over few rows (and a small share of the graph), HNSW otherwise.
 
-    With the search generation, the answer is remembered until an embedding is written.
+    Exact too while the version has no index yet (HNSW_INDEX_MIN_ROWS). With the search
+    generation, the answer is remembered until an embedding is written.
     """
+    if (scope.collection_ids is not None and not scope.collection_ids) or not embedding_index_ready(
+            version=scope.version):
+        return "exact"
     if scope.collection_ids is None:
         return "hnsw"
-    if not scope.collection_ids:
-        return "exact"
     if generation is None:
         return _count_plan(scope)
     key = (generation, int(scope.version.pk), _collections_digest(scope.collection_ids))

@@ -40,5 +40,15 @@ def drop(cursor: Any, *, version_id: int) -> None:
 
 
 def exists(cursor: Any, *, version_id: int) -> bool:
-    cursor.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s", [index_name(version_id)])
-    return cursor.fetchone() is not None
+    # to_regclass reads one catalog cache entry; searches ask this until the index is built.
+    cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [index_name(version_id)])
+    return bool(cursor.fetchone()[0])
+
+
+def rows_reach(cursor: Any, *, version_id: int, rows: int) -> bool:
+    """Whether the version holds at least `rows` vectors: an index-only scan that stops there."""
+    if rows <= 0:
+        return True
+    cursor.execute("SELECT count(*) FROM (SELECT 1 FROM simili_embedding WHERE model_version_id = %s LIMIT %s) AS v",
+                   [int(version_id), int(rows)])
+    return int(cursor.fetchone()[0]) >= rows

@@ -100,6 +100,7 @@ def main() -> None:
         big = populate(owner, "big", args.images, version, rng)
         print(f"loaded {args.images} rows with vectors in {time.perf_counter() - started:.0f} s")
         small = populate(owner, "small", args.baseline, version, rng)
+        embeddings.embedding_index_build(version=version)  # as after a re-index: the graph, whatever the size
         from django.db import connection
 
         with connection.cursor() as cursor:  # as autovacuum would after a bulk load

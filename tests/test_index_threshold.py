@@ -82,10 +82,11 @@ def test_the_health_page_says_whether_the_index_is_built(settings, admin_client_
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.worker
 def test_the_worker_builds_the_index_once_uploads_reach_the_threshold(
-    celery_worker_process, owner_client, photos
+    celery_worker_process, owner, owner_client, photos
 ) -> None:
     celery_worker_process.stop()
-    celery_worker_process.start(HNSW_INDEX_MIN_ROWS="4")
+    # As many as the photos: only the batch that stores the last one can see enough vectors.
+    celery_worker_process.start(HNSW_INDEX_MIN_ROWS=str(len(photos)))
     try:
         created = owner_client.post(reverse("collection_create"), {"name": "First import", "visibility": "public"})
         key = created["Location"].strip("/").split("/")[-1]
@@ -104,13 +105,16 @@ def test_the_worker_builds_the_index_once_uploads_reach_the_threshold(
         upload_and_wait(names[:3])
         version = EmbeddingModel.objects.get(is_active=True)
         assert not embeddings.embedding_index_exists(version=version)
+        assert sim.choose_plan(sim.search_scope(version=version, viewer=owner)) == "exact"
         first = Image.objects.get(original_name=names[0])
         similar = owner_client.get(f"/api/v1/images/{first.key}/similar?k=2").json()["results"]
         assert len(similar) == 2  # answered by an exact scan
 
         upload_and_wait(names[3:])
-        assert Image.objects.filter(status=ImageStatus.READY).count() == 5
-        assert embeddings.embedding_index_exists(version=version)  # the worker's batch after the 4th vector
+        assert Image.objects.filter(status=ImageStatus.READY).count() == len(photos)
+        # Built after the last batch was stored (a batch's own check before storing saw one too few).
+        assert embeddings.embedding_index_exists(version=version)
+        assert sim.choose_plan(sim.search_scope(version=version, viewer=owner)) == "hnsw"
         similar = owner_client.get(f"/api/v1/images/{first.key}/similar?k=4").json()["results"]
         assert len(similar) == 4
     finally:

@@ -155,9 +155,18 @@ def test_copies_in_other_collections_show_once_without_a_recorded_pair(owner, an
     assert sum(name.startswith("copy") for name in names) == 1
 
 
-def test_more_copies_than_the_margin_still_leave_k_results(owner, anonymous_client) -> None:
+@pytest.mark.parametrize("expansion", [10, 0])  # with it, the pool's spares; without, a deeper search
+def test_more_copies_than_the_margin_still_leave_k_results(owner, anonymous_client, settings, expansion) -> None:
     """Eight copies of one photo outrank everything else: the search looks deeper, k results return."""
     from webapp import similarity
+
+    settings.SIMILAR_QE = expansion
+    searches: list[int] = []
+    real = similarity.nearest_hits
+
+    def counted(**kwargs):
+        searches.append(kwargs["k"])
+        return real(**kwargs)
 
     version = default_version()
     collection = CollectionFactory(owner=owner, visibility=Visibility.PUBLIC)
@@ -170,8 +179,15 @@ def test_more_copies_than_the_margin_still_leave_k_results(owner, anonymous_clie
     for index in range(10):
         embed(ImageFactory(collection=collection, original_name=f"other{index}.jpg"),
               near(unit_vector(1), 60 + index), version)
-    body = anonymous_client.get(f"/api/v1/images/{query.key}/similar?k=5").json()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(similarity, "nearest_hits", counted)
+        body = anonymous_client.get(f"/api/v1/images/{query.key}/similar?k=5").json()
     names = [r["image"]["name"] for r in body["results"]]
     assert len(names) == 5
     assert sum(name.startswith("copy") for name in names) == 1
     assert names[0].startswith("copy")  # the copies' group is the best match, shown once
+    wanted = 5 + similarity.COLLAPSE_MARGIN
+    if expansion:
+        assert searches == [similarity.QE_POOL_FACTOR * wanted]  # an exact scan's pool: copies and spares
+    else:
+        assert searches == [wanted, 5 * similarity.COLLAPSE_RETRY_FACTOR + similarity.COLLAPSE_MARGIN]

@@ -8,6 +8,7 @@ from django.db import connection
 
 from tests.factories import CollectionFactory, ImageFactory, default_version, embed, unit_vector
 from webapp import similarity as sim
+from webapp.models import Visibility
 
 pytestmark = pytest.mark.django_db
 
@@ -48,7 +49,7 @@ def test_query_expansion_re_ranks_one_searchs_pool_as_the_numpy_reference_does(
     viewer = admin_user if viewer == "admin" else owner
     version = default_version()
     collection = CollectionFactory(owner=owner)
-    CollectionFactory(owner=admin_user)  # a collection the owner may not see: the owner's search is filtered
+    CollectionFactory(owner=admin_user, visibility=Visibility.PRIVATE)  # not the owner's: their search is filtered
     centre = unit_vector(5)
     vectors = np.stack([centre + 0.9 * unit_vector(seed) for seed in range(120)])  # more rows than the pool
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -93,6 +93,8 @@ def embedding_index_build(*, version: EmbeddingModel, when_due: bool = False) ->
             cursor, version_id=version.pk, dimensions=version.dimensions, m=settings.HNSW_M,
             ef_construction=settings.HNSW_EF_CONSTRUCTION, memory=settings.HNSW_BUILD_MEMORY,
         )
+    if version.is_active:
+        _INDEXED.add(version.pk)
     logger.info("built the HNSW index of %s", version.key)
 
 

@@ -157,7 +157,11 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
     for image_id in set(thumbnails) - alive:  # deleted while we worked
         services.delete_unreferenced(thumbnails[image_id])
     if version.is_active:  # the batch that brings the version to HNSW_INDEX_MIN_ROWS builds its index
-        embeddings.embedding_index_build(version=version, when_due=True)
+        try:
+            embeddings.embedding_index_build(version=version, when_due=True)
+        except Exception:  # noqa: BLE001 - the batch is stored and ready; the next one tries again
+            logger.warning("could not build the HNSW index of %s; searches scan exactly meanwhile", version.key,
+                           exc_info=True)
     for collection_id in {item.job.collection_id for item in good}:
         services.schedule_augment(collection_id)
     return len(alive)

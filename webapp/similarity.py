@@ -368,7 +368,7 @@ def images_search(
     """Return the k images nearest to the query among those the viewer may see, re-ranked.
 
     With query expansion (`expand`, default SIMILAR_QE), the query is averaged with its first
-    results' vectors — only ones the viewer may see — and searched again (docs/quality.md).
+    results' vectors — only ones the viewer may see — and re-ranks them (docs/search.md).
     Near-duplicates are collapsed to their best-ranked member.
     """
     scope = search_scope(version=version, viewer=viewer, collection_ids=collection_ids,
@@ -401,11 +401,12 @@ def _search_rows(
         pool = nearest_hits(vector=vector, scope=scope, k=size, plan=plan)
         if pool:
             vector = expand_query(vector, np.stack([v for _, _, v in pool[:n]]), n=n, alpha=settings.SIMILAR_ALPHA)
-        hits = rerank(pool, vector)[:wanted]
+        hits, complete = rerank(pool, vector), len(pool) == size  # the whole pool: copies may use its spares
     else:
         hits = nearest_hits(vector=vector, scope=scope, k=wanted, plan=plan)
+        complete = len(hits) == wanted
     rows = _collapse(hits, version=scope.version, k=k)
-    if collapsing and len(rows) < k and len(hits) == wanted:
+    if collapsing and len(rows) < k and complete:
         # More duplicates among the candidates than the margin: look deeper once.
         hits = nearest_hits(vector=vector, scope=scope, k=k * COLLAPSE_RETRY_FACTOR + COLLAPSE_MARGIN, plan=plan)
         rows = _collapse(hits, version=scope.version, k=k)
@@ -423,7 +424,8 @@ def rerank(hits: Sequence[Hit], vector: np.ndarray) -> list[Hit]:
     query = np.asarray(vector, dtype=np.float16).astype(np.float32)
     stored = np.stack([v for _, _, v in hits])
     norms = np.linalg.norm(stored, axis=1) * float(np.linalg.norm(query))
-    distances = 1.0 - (stored @ query) / np.where(norms > 0, norms, 1.0)
+    # pgvector clamps the cosine to [-1, 1]: an identical vector is at distance 0, never -1e-7.
+    distances = np.clip(1.0 - (stored @ query) / np.where(norms > 0, norms, 1.0), 0.0, 2.0)
     order = np.argsort(distances, kind="stable")
     return [(hits[i][0], float(distances[i]), hits[i][2]) for i in order]
 

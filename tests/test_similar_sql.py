@@ -201,3 +201,47 @@ def test_two_workers_building_a_new_versions_index_at_once_both_succeed(monkeypa
             thread.join(30)
         assert errors == []
         assert embeddings.embedding_index_exists(version=version)
+
+
+def test_an_image_page_loads_image_collection_and_uploader_as_the_orm_would(
+    owner, outsider, django_assert_num_queries
+) -> None:
+    """`selectors.image_for_viewer` skips the queryset too: the same objects, nothing left to fetch."""
+    from django.forms.models import model_to_dict
+    from django.http import Http404
+
+    from webapp import selectors
+    from webapp.models import Image
+
+    collection = CollectionFactory(owner=owner, visibility=Visibility.PRIVATE, description="mine")
+    uploaded, anonymous = ImageFactory(collection=collection, uploaded_by=owner), ImageFactory(collection=collection)
+    for image in (uploaded, anonymous):
+        loaded = selectors.image_for_viewer(key=image.key, viewer=owner)
+        expected = Image.objects.select_related("collection", "uploaded_by").get(pk=image.pk)
+        fields = [f.attname for f in Image._meta.concrete_fields]
+        assert [getattr(loaded, name) for name in fields] == [getattr(expected, name) for name in fields]
+        assert model_to_dict(loaded.collection) == model_to_dict(expected.collection)
+        with django_assert_num_queries(0):  # cached: reading them asks nothing
+            assert loaded.collection.description == "mine"
+            uploader = loaded.uploaded_by
+        assert (uploader and model_to_dict(uploader)) == (expected.uploaded_by and model_to_dict(expected.uploaded_by))
+    assert selectors.image_for_viewer(key=uploaded.key, viewer=owner).uploaded_by == owner
+    assert selectors.image_for_viewer(key=anonymous.key, viewer=owner).uploaded_by is None
+    with pytest.raises(Http404):
+        selectors.image_for_viewer(key=uploaded.key, viewer=outsider)  # private: as if it did not exist
+    with pytest.raises(Http404):
+        selectors.image_for_viewer(key="no-such-key", viewer=owner)
+
+
+def test_the_active_version_loads_as_the_orm_would() -> None:
+    from django.forms.models import model_to_dict
+
+    from webapp import selectors
+    from webapp.models import EmbeddingModel
+
+    assert selectors.active_model_version() is None
+    version = default_version()
+    EmbeddingModel.objects.create(key="inactive@1", backbone="other", dimensions=8)
+    loaded = selectors.active_model_version()
+    assert loaded == version and model_to_dict(loaded) == model_to_dict(EmbeddingModel.objects.get(is_active=True))
+    assert loaded.is_active and not loaded._state.adding

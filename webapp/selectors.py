@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -124,10 +125,54 @@ def collection_for_viewer(*, key: str, viewer: Viewer) -> Collection:
 
 def image_for_viewer(*, key: str, viewer: Viewer) -> Image:
     """Return the image, or raise 404 if it does not exist or the viewer may not see it."""
-    image = Image.objects.select_related("collection", "uploaded_by").filter(key=key).first()
-    if image is None or not can_view_collection(viewer, image.collection):
+    found = images_loaded("i.key = %s", [key])
+    if not found or not can_view_collection(viewer, found[0].collection):
         raise Http404("No such image.")
-    return image
+    return found[0]
+
+
+@functools.cache
+def _image_loader() -> tuple[str, list[list[str]]]:
+    """The SELECT of images joined to their collections and uploaders, and each model's attribute names."""
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model()
+    groups = [(alias, model._meta.concrete_fields) for alias, model in (("i", Image), ("c", Collection), ("u", user))]
+    columns = ", ".join(f'{alias}."{f.column}"' for alias, fields in groups for f in fields)
+    sql = (f"SELECT {columns} FROM {Image._meta.db_table} i "
+           f"JOIN {Collection._meta.db_table} c ON c.id = i.collection_id "
+           f'LEFT JOIN {user._meta.db_table} u ON u."{user._meta.pk.column}" = i.uploaded_by_id')
+    return sql, [[f.attname for f in fields] for _, fields in groups]
+
+
+def images_loaded(where: str, params: Sequence[object]) -> list[Image]:
+    """Return the images matching a condition on `i` (the image table), with collection and uploader loaded.
+
+    What `select_related("collection", "uploaded_by")` gives, through one statement and
+    `Model.from_db` as the ORM builds rows, without compiling a queryset: on an image page
+    that compiling cost more than PostgreSQL's answer (docs/benchmarks.md#pages-hit). None of
+    the three models has a field that converts its database value (tests/test_similar_sql.py
+    checks the objects equal the ORM's).
+    """
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+
+    sql, (image_names, collection_names, user_names) = _image_loader()
+    with connection.cursor() as cursor:
+        cursor.execute(f"{sql} WHERE {where}", list(params))
+        rows = cursor.fetchall()
+    user = get_user_model()
+    collection_field, uploader_field = Image._meta.get_field("collection"), Image._meta.get_field("uploaded_by")
+    first, second = len(image_names), len(image_names) + len(collection_names)
+    images = []
+    for row in rows:
+        image = Image.from_db(connection.alias, image_names, row[:first])
+        collection_field.set_cached_value(image, Collection.from_db(connection.alias, collection_names,
+                                                                     row[first:second]))
+        uploader = user.from_db(connection.alias, user_names, row[second:]) if image.uploaded_by_id else None
+        uploader_field.set_cached_value(image, uploader)
+        images.append(image)
+    return images
 
 
 #: Orders a collection page offers, by the value of its `?sort=`.
@@ -228,5 +273,15 @@ def images_status(*, collection: Collection, keys: Sequence[str]) -> list[Image]
 
 
 def active_model_version() -> EmbeddingModel | None:
-    """Return the model version whose vectors searches use, or None before any exists."""
-    return EmbeddingModel.objects.filter(is_active=True).first()
+    """Return the model version whose vectors searches use, or None before any exists.
+
+    Read on every search and image page, so plain SQL: the queryset's compiling was most of it.
+    """
+    from django.db import connection
+
+    names = [f.attname for f in EmbeddingModel._meta.concrete_fields]
+    columns = ", ".join(f'"{f.column}"' for f in EmbeddingModel._meta.concrete_fields)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {columns} FROM {EmbeddingModel._meta.db_table} WHERE is_active LIMIT 1")
+        row = cursor.fetchone()
+    return None if row is None else EmbeddingModel.from_db(connection.alias, names, row)

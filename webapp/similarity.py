@@ -14,7 +14,6 @@ picks the plan (docs/search.md):
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import re
@@ -33,7 +32,7 @@ from django.db.models import Q
 from retrieval.reranking import expand_query
 from webapp.embeddings import binary_cursor, embedding_index_ready
 from webapp.models import Collection, EmbeddingModel, Image, NearDuplicate
-from webapp.selectors import Viewer, active_model_version, is_admin, listed_filter
+from webapp.selectors import Viewer, active_model_version, images_loaded, is_admin, listed_filter
 
 if TYPE_CHECKING:
     from webapp.videos import Moment
@@ -447,39 +446,16 @@ def _similar_images(rows: Sequence[tuple[int, float]], scope: Scope) -> list[Sim
     ]
 
 
-@functools.cache
-def _row_loader() -> tuple[str, list[str], list[str]]:
-    """Return the SQL that loads images with their collections, and each model's attribute names."""
-    image_fields, collection_fields = Image._meta.concrete_fields, Collection._meta.concrete_fields
-    columns = [f'i."{f.column}"' for f in image_fields] + [f'c."{f.column}"' for f in collection_fields]
-    sql = (f"SELECT {', '.join(columns)} FROM {Image._meta.db_table} i "
-           f"JOIN {Collection._meta.db_table} c ON c.id = i.collection_id WHERE i.id = ANY(%s)")
-    return sql, [f.attname for f in image_fields], [f.attname for f in collection_fields]
-
-
 def images_with_collections(image_ids: Sequence[int]) -> dict[int, Image]:
     """Return images by id with their collections loaded, as `select_related("collection")` would.
 
-    One statement and `Model.from_db`, as the ORM builds rows, but without compiling a
-    queryset per call: on the search's hot path that compiling cost more than the query (ten
-    rows: 2.1 ms through `in_bulk`, 0.8 ms this way; docs/benchmarks.md#search-1m-4). Neither
-    model has a field that converts its database value (test_similar_sql checks the objects
-    equal the ORM's).
+    One statement, without compiling a queryset per call (`selectors.images_loaded`): on the
+    search's hot path that compiling cost more than the query (ten rows: 2.1 ms through
+    `in_bulk`, 0.8 ms this way; docs/benchmarks.md#search-1m-4).
     """
     if not image_ids:
         return {}
-    sql, image_names, collection_names = _row_loader()
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [[int(i) for i in image_ids]])
-        rows = cursor.fetchall()
-    split = len(image_names)
-    collection_field = Image._meta.get_field("collection")
-    images: dict[int, Image] = {}
-    for row in rows:
-        image = Image.from_db(connection.alias, image_names, row[:split])
-        collection_field.set_cached_value(image, Collection.from_db(connection.alias, collection_names, row[split:]))
-        images[image.pk] = image
-    return images
+    return {image.pk: image for image in images_loaded("i.id = ANY(%s)", [[int(i) for i in image_ids]])}
 
 
 def vector_similar(

@@ -125,30 +125,32 @@ def collection_for_viewer(*, key: str, viewer: Viewer) -> Collection:
 
 def image_for_viewer(*, key: str, viewer: Viewer) -> Image:
     """Return the image, or raise 404 if it does not exist or the viewer may not see it."""
-    found = images_loaded("i.key = %s", [key])
+    found = images_loaded(key=key, uploader=True)
     if not found or not can_view_collection(viewer, found[0].collection):
         raise Http404("No such image.")
     return found[0]
 
 
 @functools.cache
-def _image_loader() -> tuple[str, list[list[str]]]:
-    """The SELECT of images joined to their collections and uploaders, and each model's attribute names."""
+def _image_loader(uploader: bool) -> tuple[str, list[list[str]]]:
+    """The SELECT of images joined to their collections (and uploaders), and each model's attribute names."""
     from django.contrib.auth import get_user_model
 
-    user = get_user_model()
-    groups = [(alias, model._meta.concrete_fields) for alias, model in (("i", Image), ("c", Collection), ("u", user))]
+    models: list[tuple[str, Any]] = [("i", Image), ("c", Collection)] + ([("u", get_user_model())] if uploader else [])
+    groups = [(alias, model._meta.concrete_fields) for alias, model in models]
     columns = ", ".join(f'{alias}."{f.column}"' for alias, fields in groups for f in fields)
     sql = (f"SELECT {columns} FROM {Image._meta.db_table} i "
-           f"JOIN {Collection._meta.db_table} c ON c.id = i.collection_id "
-           f'LEFT JOIN {user._meta.db_table} u ON u."{user._meta.pk.column}" = i.uploaded_by_id')
+           f"JOIN {Collection._meta.db_table} c ON c.id = i.collection_id")
+    if uploader:
+        user = get_user_model()
+        sql += f' LEFT JOIN {user._meta.db_table} u ON u."{user._meta.pk.column}" = i.uploaded_by_id'
     return sql, [[f.attname for f in fields] for _, fields in groups]
 
 
-def images_loaded(where: str, params: Sequence[object]) -> list[Image]:
-    """Return the images matching a condition on `i` (the image table), with collection and uploader loaded.
+def images_loaded(*, ids: Sequence[int] = (), key: str | None = None, uploader: bool = False) -> list[Image]:
+    """Return the images with these ids (or this key), their collections (and uploaders) loaded.
 
-    What `select_related("collection", "uploaded_by")` gives, through one statement and
+    What `select_related("collection"[, "uploaded_by"])` gives, through one statement and
     `Model.from_db` as the ORM builds rows, without compiling a queryset: on an image page
     that compiling cost more than PostgreSQL's answer (docs/benchmarks.md#pages-hit). None of
     the three models has a field that converts its database value (tests/test_similar_sql.py
@@ -157,20 +159,23 @@ def images_loaded(where: str, params: Sequence[object]) -> list[Image]:
     from django.contrib.auth import get_user_model
     from django.db import connection
 
-    sql, (image_names, collection_names, user_names) = _image_loader()
+    sql, names = _image_loader(uploader)
+    where, params = ("i.key = %s", [key]) if key is not None else ("i.id = ANY(%s)", [[int(i) for i in ids]])
     with connection.cursor() as cursor:
-        cursor.execute(f"{sql} WHERE {where}", list(params))
+        cursor.execute(f"{sql} WHERE {where}", params)
         rows = cursor.fetchall()
     user = get_user_model()
     collection_field, uploader_field = Image._meta.get_field("collection"), Image._meta.get_field("uploaded_by")
-    first, second = len(image_names), len(image_names) + len(collection_names)
+    first, second = len(names[0]), len(names[0]) + len(names[1])
+    user_pk = second + (names[2].index(user._meta.pk.attname) if uploader else 0)
     images = []
     for row in rows:
-        image = Image.from_db(connection.alias, image_names, row[:first])
-        collection_field.set_cached_value(image, Collection.from_db(connection.alias, collection_names,
-                                                                     row[first:second]))
-        uploader = user.from_db(connection.alias, user_names, row[second:]) if image.uploaded_by_id else None
-        uploader_field.set_cached_value(image, uploader)
+        image = Image.from_db(connection.alias, names[0], row[:first])
+        collection_field.set_cached_value(image, Collection.from_db(connection.alias, names[1], row[first:second]))
+        if uploader:  # the joined row, not the column: a dangling id reads as no uploader, as the ORM's would
+            found = row[user_pk] is not None
+            uploader_field.set_cached_value(image, user.from_db(connection.alias, names[2], row[second:])
+                                            if found else None)
         images.append(image)
     return images
 

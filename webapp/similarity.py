@@ -455,7 +455,7 @@ def images_with_collections(image_ids: Sequence[int]) -> dict[int, Image]:
     """
     if not image_ids:
         return {}
-    return {image.pk: image for image in images_loaded("i.id = ANY(%s)", [[int(i) for i in image_ids]])}
+    return {image.pk: image for image in images_loaded(ids=image_ids)}
 
 
 def vector_similar(

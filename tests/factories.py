@@ -50,6 +50,11 @@ def default_version() -> EmbeddingModel:
                                            dimensions=1280)
 
 
+def half(x: np.ndarray) -> np.ndarray:
+    """What a search compares: vectors stored and queried in half precision (halfvec)."""
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
 def unit_vector(seed: int, dim: int = 1280) -> np.ndarray:
     vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
     return vector / np.linalg.norm(vector)

@@ -13,14 +13,10 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
-from tests.factories import CollectionFactory, ImageFactory, default_version, embed, unit_vector
+from tests.factories import CollectionFactory, ImageFactory, default_version, embed, half, unit_vector
 from webapp import embeddings
 from webapp import similarity as sim
 from webapp.models import EmbeddingModel, Image, ImageStatus
-
-
-def half(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
 
 
 @pytest.mark.django_db(transaction=True)  # as a worker does: the build follows committed vectors

@@ -6,15 +6,11 @@ import numpy as np
 import pytest
 from django.db import connection
 
-from tests.factories import CollectionFactory, ImageFactory, default_version, embed
+from tests.factories import CollectionFactory, ImageFactory, default_version, embed, half
 from webapp import similarity as sim
 from webapp.models import Visibility
 
 pytestmark = pytest.mark.django_db
-
-
-def half(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
 
 
 @pytest.fixture

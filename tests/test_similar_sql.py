@@ -6,16 +6,12 @@ import numpy as np
 import pytest
 from django.db import connection
 
-from tests.factories import CollectionFactory, ImageFactory, default_version, embed, unit_vector
+from tests.factories import CollectionFactory, ImageFactory, default_version, embed, half, unit_vector
 from webapp import similarity as sim
 from webapp.models import Visibility
 
 pytestmark = pytest.mark.django_db
 
-
-def half(x: np.ndarray) -> np.ndarray:
-    """What the search compares: vectors stored and queried in half precision (halfvec)."""
-    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
 
 
 def test_top_k_equals_exact_numpy_ranking_with_distances(admin_user) -> None:

@@ -6,6 +6,8 @@ import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from django.contrib.auth import get_user_model
+from django.db import connection
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404
 
@@ -131,20 +133,23 @@ def image_for_viewer(*, key: str, viewer: Viewer) -> Image:
     return found[0]
 
 
+def _columns(model: Any, alias: str = "") -> tuple[str, list[str]]:
+    """A model's concrete columns for a SELECT (under a table alias) and their attribute names, for `from_db`."""
+    prefix = f"{alias}." if alias else ""
+    fields = model._meta.concrete_fields
+    return ", ".join(f'{prefix}"{f.column}"' for f in fields), [f.attname for f in fields]
+
+
 @functools.cache
 def _image_loader(uploader: bool) -> tuple[str, list[list[str]]]:
     """The SELECT of images joined to their collections (and uploaders), and each model's attribute names."""
-    from django.contrib.auth import get_user_model
-
-    models: list[tuple[str, Any]] = [("i", Image), ("c", Collection)] + ([("u", get_user_model())] if uploader else [])
-    groups = [(alias, model._meta.concrete_fields) for alias, model in models]
-    columns = ", ".join(f'{alias}."{f.column}"' for alias, fields in groups for f in fields)
-    sql = (f"SELECT {columns} FROM {Image._meta.db_table} i "
+    user = get_user_model()
+    parts = [_columns(Image, "i"), _columns(Collection, "c")] + ([_columns(user, "u")] if uploader else [])
+    sql = (f"SELECT {', '.join(columns for columns, _ in parts)} FROM {Image._meta.db_table} i "
            f"JOIN {Collection._meta.db_table} c ON c.id = i.collection_id")
     if uploader:
-        user = get_user_model()
         sql += f' LEFT JOIN {user._meta.db_table} u ON u."{user._meta.pk.column}" = i.uploaded_by_id'
-    return sql, [[f.attname for f in fields] for _, fields in groups]
+    return sql, [names for _, names in parts]
 
 
 def images_loaded(*, ids: Sequence[int] = (), key: str | None = None, uploader: bool = False) -> list[Image]:
@@ -156,9 +161,6 @@ def images_loaded(*, ids: Sequence[int] = (), key: str | None = None, uploader: 
     the three models has a field that converts its database value (tests/test_similar_sql.py
     checks the objects equal the ORM's).
     """
-    from django.contrib.auth import get_user_model
-    from django.db import connection
-
     sql, names = _image_loader(uploader)
     where, params = ("i.key = %s", [key]) if key is not None else ("i.id = ANY(%s)", [[int(i) for i in ids]])
     with connection.cursor() as cursor:
@@ -282,10 +284,7 @@ def active_model_version() -> EmbeddingModel | None:
 
     Read on every search and image page, so plain SQL: the queryset's compiling was most of it.
     """
-    from django.db import connection
-
-    names = [f.attname for f in EmbeddingModel._meta.concrete_fields]
-    columns = ", ".join(f'"{f.column}"' for f in EmbeddingModel._meta.concrete_fields)
+    columns, names = _columns(EmbeddingModel)
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT {columns} FROM {EmbeddingModel._meta.db_table} WHERE is_active LIMIT 1")
         row = cursor.fetchone()

@@ -164,9 +164,10 @@ def choose_plan(scope: Scope, *, generation: str | None = None) -> Plan:
     Exact too while the version has no index yet (HNSW_INDEX_MIN_ROWS). With the search
     generation, the answer is remembered until an embedding is written.
     """
-    if (scope.collection_ids is not None and not scope.collection_ids) or not embedding_index_ready(
-            version=scope.version):
+    if scope.collection_ids is not None and not scope.collection_ids:
         return "exact"
+    if not embedding_index_ready(version=scope.version):
+        return "exact"  # no graph to walk yet
     if scope.collection_ids is None:
         return "hnsw"
     if generation is None:

@@ -76,3 +76,32 @@ def test_the_input_tensor_is_the_backbones_normalisation_of_the_resized_photo(ph
     tensor = to_tensor(spec, image).numpy()
     assert tensor.shape == (3, *rgb.shape[:2]) and tensor.dtype == np.float32
     np.testing.assert_array_equal(tensor, expected.transpose(2, 0, 1))
+
+
+def test_pixels_normalised_on_the_device_equal_the_hosts_tensors() -> None:
+    """A GPU worker sends 8-bit pixels and normalises them there; the values must be `to_tensor`'s."""
+    import torch
+
+    from retrieval.preprocessing import normalise_batch, to_pixels, to_tensor
+
+    spec = get_backbone("efficientnet_lite0")
+    images = [Image.fromarray(data.chelsea()), Image.fromarray(data.coffee()).resize((451, 300)),
+              Image.fromarray(data.camera()).resize((451, 300))]  # camera is greyscale ("L")
+    by_shape: dict[tuple[int, ...], list[Image.Image]] = {}
+    for image in images:
+        by_shape.setdefault(to_pixels(spec, image).shape, []).append(image)
+    for group in by_shape.values():
+        pixels = torch.from_numpy(np.stack([to_pixels(spec, image) for image in group]))
+        assert pixels.dtype == torch.uint8
+        batch = normalise_batch(spec, pixels)
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(batch, torch.stack([to_tensor(spec, image) for image in group]))
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["fp16", "bf16", "fp32"])
+def test_a_gpu_embeds_as_the_cpu_does(extractor: Extractor, amp: str) -> None:
+    images = [_rgb(data.chelsea()), _rgb(data.coffee()), _rgb(data.rocket()), _rgb(data.astronaut())]
+    on_gpu = Extractor(get_backbone("efficientnet_lite0"), device="cuda", amp=amp).embed(images).vectors
+    worst = float(np.min(np.sum(on_gpu * extractor.embed(images).vectors, axis=1)))
+    assert worst > 0.999

@@ -42,6 +42,18 @@ def test_a_small_or_unmeasured_image_keeps_the_full_decode_floor() -> None:
     assert ingest.decode_min_side(unknown, recipe) == 400
 
 
+def test_the_bulk_layout_is_measured_per_device_unless_set(settings, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    settings.EMBED_BATCH_SIZE, settings.DECODE_THREADS = 0, 0
+    monkeypatch.setattr(ingest.os, "cpu_count", lambda: 16)
+    assert ingest.bulk_layout(pipeline.recipe()) == (ingest.CPU_BATCH, 2)  # the tests' recipe runs on the CPU
+    gpu = SimpleNamespace(extractor=SimpleNamespace(cuda=True))
+    assert ingest.bulk_layout(gpu) == (ingest.GPU_BATCH, 14)  # every core but inference's and storage's decodes
+    settings.EMBED_BATCH_SIZE, settings.DECODE_THREADS = 48, 3
+    assert ingest.bulk_layout(gpu) == ingest.bulk_layout(pipeline.recipe()) == (48, 3)
+
+
 @pytest.mark.django_db
 def test_a_batch_is_marked_ready_with_each_images_own_thumbnail(owner) -> None:
     collection = CollectionFactory(owner=owner)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,6 +76,23 @@ def _claim(where: str, params: list[object], lock: str, limit: int) -> list[Job]
         )
         rows = cursor.fetchall()
     return sorted((Job(*row) for row in rows), key=lambda job: job.image_id)
+
+
+#: The bulk lane's images per batch when EMBED_BATCH_SIZE is 0: on the CPU larger batches gain
+#: nothing (ONNX Runtime's rate is flat from 16 up); a GPU needs hundreds to stay busy.
+CPU_BATCH = 32
+GPU_BATCH = 256
+
+
+def bulk_layout(recipe: pipeline.Recipe) -> tuple[int, int]:
+    """Return (images per batch, decode threads) for the bulk lane: the settings, else measured defaults.
+
+    On the CPU the CNN takes the cores and two threads keep it fed; on a GPU decoding is the
+    bottleneck, so every core but the two that run inference and storage decodes.
+    """
+    if recipe.extractor.cuda:
+        return settings.EMBED_BATCH_SIZE or GPU_BATCH, settings.DECODE_THREADS or max(2, (os.cpu_count() or 1) - 2)
+    return settings.EMBED_BATCH_SIZE or CPU_BATCH, settings.DECODE_THREADS or 2
 
 
 def decode_min_side(job: Job, recipe: pipeline.Recipe) -> int:
@@ -199,11 +217,12 @@ def embed_pending(*, batch_size: int | None = None, time_budget: float | None = 
     CNN, so decoding (about 27 ms of one core per 12 MP JPEG) overlaps inference.
     """
     recipe = pipeline.recipe()
-    size = batch_size or settings.EMBED_BATCH_SIZE
+    size, threads = bulk_layout(recipe)
+    size = batch_size or size
     budget = settings.EMBED_TIME_BUDGET if time_budget is None else time_budget
     started = time.monotonic()
     done = 0
-    with ThreadPoolExecutor(max_workers=settings.DECODE_THREADS, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
         futures: list[Future[Decoded]] = [pool.submit(decode, job, recipe) for job in images_claim(limit=size)]
         while futures:
             current = [future.result() for future in futures]
@@ -235,7 +254,7 @@ def reindex_batch(*, version_key: str, limit: int, skip: set[int] | None = None)
     )
     if not rows:
         return []
-    with ThreadPoolExecutor(max_workers=settings.DECODE_THREADS, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max_workers=bulk_layout(recipe)[1], thread_name_prefix="decode") as pool:
         decoded = list(pool.map(lambda row: decode(Job(*row), recipe), rows))
     good = [item for item in decoded if not item.error and item.picture is not None]
     if good:

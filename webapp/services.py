@@ -651,7 +651,9 @@ def enqueue_bulk_batches(*, count: int) -> int:
     """Queue enough batch tasks for `count` pending images; return how many were queued."""
     from webapp.tasks import embed_pending
 
-    tasks = min(MAX_BATCH_TASKS, -(-count // settings.EMBED_BATCH_SIZE))
+    # Sized by the CPU's automatic batch (ingest.CPU_BATCH; this process loads no CNN to ask): a
+    # GPU worker's larger batches leave spare tasks, which find nothing pending and end.
+    tasks = min(MAX_BATCH_TASKS, -(-count // (settings.EMBED_BATCH_SIZE or 32)))
     for _ in range(tasks):
         embed_pending.apply_async(queue=BULK_QUEUE)
     return tasks

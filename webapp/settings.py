@@ -298,10 +298,12 @@ SIMILAR_K = env_int("SIMILAR_K", 12, minimum=1, maximum=100)
 # Seconds a stored image's similar list stays in the cache (Redis); any write to embeddings or
 # near-duplicate pairs moves the key on, so this only bounds memory. 0 turns the cache off.
 SIMILAR_CACHE_SECONDS = env_int("SIMILAR_CACHE_SECONDS", 3600, minimum=0)
-# Bulk embedding: images claimed per batch, threads decoding the next batch during inference,
-# and how long one task keeps claiming batches before handing over (docs/benchmarks.md).
-EMBED_BATCH_SIZE = env_int("EMBED_BATCH_SIZE", 32, minimum=1, maximum=1024)
-DECODE_THREADS = env_int("DECODE_THREADS", 2, minimum=1, maximum=64)
+# Bulk embedding: images claimed per batch, threads decoding the next batch during inference
+# (0 = measured defaults for the worker's device, `ingest.bulk_layout`: 32 and 2 on the CPU, 256
+# and all but two cores on a GPU), and how long one task keeps claiming batches before handing
+# over (docs/benchmarks.md#ingest, #ingest-gpu).
+EMBED_BATCH_SIZE = env_int("EMBED_BATCH_SIZE", 0, minimum=0, maximum=1024)
+DECODE_THREADS = env_int("DECODE_THREADS", 0, minimum=0, maximum=64)
 EMBED_TIME_BUDGET = env_float("EMBED_TIME_BUDGET", 60.0, minimum=1.0)
 # Bulk-lane worker processes that `manage.py serve` starts, and the CPU threads each one's CNN
 # uses: 0 = automatic, i.e. one process on a GPU, else two, sharing the cores (measured on 2

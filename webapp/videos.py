@@ -193,7 +193,9 @@ def _store_jpeg(kind: str, picture: PILImage.Image, written: dict[str, bytes]) -
 
 
 def _embed_frames(recipe: pipeline.Recipe, frames: Sequence[rv.Frame]) -> np.ndarray:
-    batch = max(1, int(settings.EMBED_BATCH_SIZE))
+    from webapp.ingest import bulk_layout
+
+    batch = bulk_layout(recipe)[0]
     chunks = [recipe.embed([f.image for f in frames[i:i + batch]]).vectors for i in range(0, len(frames), batch)]
     return np.concatenate(chunks).astype(np.float32)
 

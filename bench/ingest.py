@@ -37,29 +37,33 @@ PROBE_PHOTOS = 300
 
 
 def generate(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
-    """Write `count` distinct photo-like JPEGs (scikit-image photos, cropped, scaled, tinted)."""
+    """Write `count` distinct photo-like JPEGs (scikit-image photos, cropped, scaled, tinted), one process per core."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"photo-{index:05d}.jpg" for index in range(count)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(_photo, paths, range(count), [size] * count, chunksize=8))
+    return paths
+
+
+def _photo(path: Path, index: int, size: tuple[int, int]) -> None:
     import numpy as np
     from PIL import Image, ImageEnhance
     from skimage import data
 
-    sources = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.stereo_motorcycle()[0],
-               data.immunohistochemistry(), data.hubble_deep_field()]
-    rng = random.Random(7)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(count):
-        base = Image.fromarray(sources[index % len(sources)]).convert("RGB")
-        w, h = base.size
-        left, top = rng.randint(0, w // 6), rng.randint(0, h // 6)
-        box = (left, top, left + w * 4 // 5, top + h * 4 // 5)
-        image = base.crop(box).resize(size, Image.Resampling.BILINEAR)
-        image = ImageEnhance.Color(image).enhance(rng.uniform(0.7, 1.3))
-        noise = np.random.default_rng(index).integers(0, 12, (size[1], size[0], 1), dtype=np.uint8)
-        image = Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
-        path = folder / f"photo-{index:05d}.jpg"
-        image.save(path, format="JPEG", quality=90)
-        paths.append(path)
-    return paths
+    sources = [data.chelsea, data.coffee, data.astronaut, data.rocket, lambda: data.stereo_motorcycle()[0],
+               data.immunohistochemistry, data.hubble_deep_field]
+    rng = random.Random(7 * 1_000_003 + index)
+    base = Image.fromarray(sources[index % len(sources)]()).convert("RGB")
+    w, h = base.size
+    left, top = rng.randint(0, w // 6), rng.randint(0, h // 6)
+    box = (left, top, left + w * 4 // 5, top + h * 4 // 5)
+    image = base.crop(box).resize(size, Image.Resampling.BILINEAR)
+    image = ImageEnhance.Color(image).enhance(rng.uniform(0.7, 1.3))
+    noise = np.random.default_rng(index).integers(0, 12, (size[1], size[0], 1), dtype=np.uint8)
+    image = Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+    image.save(path, format="JPEG", quality=90)
 
 
 def setup(var_dir: Path) -> None:
@@ -188,11 +192,16 @@ def batched(folder: Path, paths: list[Path], owner, log: Path, probe: Path | Non
         spent = {"import_folder": import_cpu,
                  **{name: seconds - cpu[name] for name, seconds in _cpu_by_process(workers).items()}}
         print("  CPU seconds during the run: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in spent.items())
-              + f" (of {2 * elapsed:.1f} on 2 cores)", flush=True)
+              + f" (of {os.cpu_count() * elapsed:.1f} on {os.cpu_count()} cores)", flush=True)
     finally:
         for process in workers.values():
             process.terminate()
-            process.wait(30)
+        for process in workers.values():
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:  # a warm shutdown waits for the running task (a refresh, say)
+                process.kill()
+                process.wait()
     failed = Image.objects.filter(collection=collection, status=ImageStatus.FAILED).count()
     if failed:
         print(f"warning: {failed} image(s) failed in the batched run")
@@ -238,7 +247,8 @@ def naive(paths: list[Path], owner) -> float:
     from webapp.models import Embedding, Image, ImageStatus
 
     recipe = pipeline.recipe()
-    eager = Extractor(recipe.spec, device="cpu")  # eager PyTorch, as a first version would
+    # Eager fp32 PyTorch on the workers' device, as a first version would.
+    eager = Extractor(recipe.spec, device=recipe.extractor.device.type, amp="fp32")
     collection = services.collection_create(owner=owner, name=f"naive-{time.time()}")
     version = embeddings.embedding_model_ensure(key=recipe.key, backbone=recipe.spec.name,
                                                 dimensions=recipe.dimensions)
@@ -404,7 +414,13 @@ def main() -> None:
         owner = get_user_model().objects.create_user("bench")
         import torch
 
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, device cpu")
+        device = os.environ["EMBEDDING_DEVICE"]
+        if device != "cpu" and torch.cuda.is_available():
+            device = torch.cuda.get_device_name()
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, device {device}; "
+              f"EMBED_BATCH_SIZE {settings_batch_size()}, DECODE_THREADS {os.environ.get('DECODE_THREADS', 0)} "
+              "(0: automatic)",
+              flush=True)
         if args.stages:
             stages(paths[: args.stages], owner)
             _stop()

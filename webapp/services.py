@@ -546,43 +546,56 @@ def collection_augment(*, collection_id: int) -> int:
     Each image's vector is averaged with its SIMILAR_DBA nearest neighbours in the same
     collection, never across collections, so a public image's vector never carries a private one.
     The same pass records the collection's near-duplicate pairs (webapp.duplicates).
+
+    A bulk worker runs this whenever uploads settle, so during a long import it runs again and
+    again on a growing collection: vectors are read and written in binary, each row's
+    neighbours are selected (`argpartition`), not sorted, and only changed rows are written
+    (bench/augment.py, docs/benchmarks.md#augment).
     """
     from webapp import duplicates
+    from webapp.embeddings import binary_cursor
 
     version = EmbeddingModel.objects.filter(is_active=True).first()
     if version is None:
         return 0
-    rows = list(
-        Embedding.objects.filter(model_version=version, collection_id=collection_id)
-        .order_by("image_id")
-        .only("id", "image_id", "vector", "augmented")
-    )
+    with binary_cursor() as cursor:
+        cursor.execute(
+            """SELECT id, image_id, vector, augmented FROM simili_embedding
+               WHERE model_version_id = %s AND collection_id = %s ORDER BY image_id""",
+            [version.pk, collection_id], binary=True,
+        )
+        rows = cursor.fetchall()
     if not rows:
         duplicates.duplicates_record(collection_id=collection_id, pairs=[])
         return 0
-    vectors = np.stack([np.asarray(row.vector, dtype=np.float32) for row in rows])
-    image_ids = [row.image_id for row in rows]
-    n = min(settings.SIMILAR_DBA, len(rows) - 1)
+    ids = [int(row[0]) for row in rows]
+    image_ids = [int(row[1]) for row in rows]
+    vectors = np.stack([videos.as_array(row[2]) for row in rows])
+    stored = np.stack([videos.as_array(row[3]) for row in rows])
+    del rows
+    n = min(settings.SIMILAR_DBA, len(ids) - 1)
     augmented = vectors.copy()
     pairs: list[tuple[int, int, float]] = []
-    for start in range(0, len(rows), AUGMENT_CHUNK):
+    for start in range(0, len(ids), AUGMENT_CHUNK):
         chunk = vectors[start:start + AUGMENT_CHUNK]
         scores = chunk @ vectors.T
         scores[np.arange(len(chunk)), np.arange(start, start + len(chunk))] = -np.inf  # not itself
         pairs.extend(duplicates.pairs_in(scores, image_ids, offset=start))
         if n > 0:
-            ranking = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+            # The n best of each row, in no particular order: the average does not depend on it.
+            ranking = np.argpartition(-scores, n - 1, axis=1)[:, :n]
             augmented[start:start + len(chunk)] = expand_queries(
                 chunk, vectors, ranking, n=n, alpha=settings.SIMILAR_ALPHA
             )
     duplicates.duplicates_record(collection_id=collection_id, pairs=pairs)
-    changed = []
-    for row, new in zip(rows, augmented, strict=True):
-        # Stored in half precision: a difference below its resolution is no change.
-        if not np.allclose(np.asarray(row.augmented, dtype=np.float32), new, atol=1e-3):
-            row.augmented = new
-            changed.append(row)
-    Embedding.objects.bulk_update(changed, ["augmented"], batch_size=500)
+    # Stored in half precision: a difference below its resolution is no change (np.allclose's test).
+    changed = np.flatnonzero(~np.all(np.abs(stored - augmented) <= 1e-3 + 1e-5 * np.abs(augmented), axis=1))
+    if len(changed):
+        from pgvector import HalfVector
+
+        with transaction.atomic(), binary_cursor() as cursor:  # one commit, pipelined statements
+            cursor.executemany("UPDATE simili_embedding SET augmented = %b WHERE id = %s",
+                               [(HalfVector(augmented[i]), ids[i]) for i in changed])
     logger.info("refreshed %s augmented vector(s) in collection %s", len(changed), collection_id)
     return len(changed)
 

@@ -59,17 +59,25 @@ def to_pixels(
 
 
 def normalise_batch(spec: BackboneSpec, pixels: torch.Tensor) -> torch.Tensor:
-    """Normalise an (N, H, W, 3) uint8 batch on whatever device it is on, as `to_tensor` does.
+    """Normalise an (N, H, W, 3) uint8 batch on whatever device it is on, exactly as `to_tensor` does.
 
     A GPU worker sends 8-bit pixels (a quarter of float32's bytes) and normalises there: on
     the host, converting, stacking and pinning float32 batches held an H100 under 1,000 images/s
-    (docs/benchmarks.md#ingest-gpu). The arithmetic is `to_tensor`'s table's, in float32, so
-    the values are the same; the result is (N, 3, H, W) in channels_last memory, as the
-    convolutions want it.
+    (docs/benchmarks.md#ingest-gpu). The values come from `to_tensor`'s own table, kept on the
+    device (arithmetic there could differ in the last bit: CUDA divides by a scalar as a
+    multiplication by its reciprocal). The result is (N, 3, H, W) in channels_last memory, as
+    the convolutions want it.
     """
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=pixels.device)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=pixels.device)
-    return ((pixels.float() / 255.0 - mean) / std).permute(0, 3, 1, 2)
+    table = _device_table(tuple(spec.mean), tuple(spec.std), str(pixels.device))
+    channel = torch.arange(3, device=pixels.device)
+    return table[pixels.long() * 3 + channel].permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=8)
+def _device_table(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> torch.Tensor:
+    """`_normalisation_table` on `device`, flat, value-major: entry v * 3 + c is channel c's value v."""
+    table = _normalisation_table(mean, std)
+    return torch.from_numpy(np.ascontiguousarray(table.T).reshape(-1)).to(device)
 
 
 def to_tensor(

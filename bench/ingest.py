@@ -96,7 +96,7 @@ def worker(queue: str, log: Path, *, name: str = "", threads: int | None = None)
         env["OMP_NUM_THREADS"] = str(threads)  # torch's thread count, which ONNX Runtime's session follows
     return subprocess.Popen(
         [*nice, sys.executable, "-m", "celery", "-A", "webapp", "worker", "-P", "solo", "-Q", queue,
-         "-n", f"{name or queue}@%h", "--loglevel", "WARNING", "--without-gossip", "--without-mingle"],
+         "-n", f"{name or queue}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
         cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )
 
@@ -202,6 +202,9 @@ def batched(folder: Path, paths: list[Path], owner, log: Path, probe: Path | Non
             except subprocess.TimeoutExpired:  # a warm shutdown waits for the running task (a refresh, say)
                 process.kill()
                 process.wait()
+    # Collection refreshes (services.collection_augment) that ran beside the embedding, from the workers' log.
+    refreshes = log.read_text(errors="replace").count("augmented vector(s) in collection")
+    print(f"  collection refreshes during the run: {refreshes}", flush=True)
     failed = Image.objects.filter(collection=collection, status=ImageStatus.FAILED).count()
     if failed:
         print(f"warning: {failed} image(s) failed in the batched run")
@@ -330,7 +333,7 @@ def stages(paths: list[Path], owner) -> dict[str, float]:
     for path in paths:
         services.image_ingest(collection=collection, uploaded_by=owner, name=path.name, queue=None,
                               prepared=imports.file_prepare(path))
-    size = settings_batch_size()
+    size = ingest.bulk_layout(recipe)[0]
     while jobs := ingest.images_claim(limit=size):
         ingest.store([ingest.decode(job, recipe) for job in jobs], recipe, augment_each=False)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
@@ -371,12 +374,6 @@ def _server_cpu() -> float:
     return total
 
 
-def settings_batch_size() -> int:
-    from django.conf import settings
-
-    return int(settings.EMBED_BATCH_SIZE)
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -409,6 +406,7 @@ def main() -> None:
             print(f"generated {len(paths)} {args.size} JPEGs in {time.perf_counter() - started:.0f} s")
             source, folder = f"{len(paths)} generated {args.size} JPEGs", tmp_path / "photos"
         setup(tmp_path / "var")
+        from django.conf import settings
         from django.contrib.auth import get_user_model
 
         owner = get_user_model().objects.create_user("bench")
@@ -418,8 +416,8 @@ def main() -> None:
         if device != "cpu" and torch.cuda.is_available():
             device = torch.cuda.get_device_name()
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, device {device}; "
-              f"EMBED_BATCH_SIZE {settings_batch_size()}, DECODE_THREADS {os.environ.get('DECODE_THREADS', 0)} "
-              "(0: automatic)",
+              f"EMBED_BATCH_SIZE {settings.EMBED_BATCH_SIZE}, DECODE_THREADS {settings.DECODE_THREADS} "
+              "(0: automatic, ingest.bulk_layout)",
               flush=True)
         if args.stages:
             stages(paths[: args.stages], owner)

@@ -46,12 +46,14 @@ def test_the_bulk_layout_is_measured_per_device_unless_set(settings, monkeypatch
     from types import SimpleNamespace
 
     settings.EMBED_BATCH_SIZE, settings.DECODE_THREADS = 0, 0
-    monkeypatch.setattr(ingest.os, "cpu_count", lambda: 16)
-    assert ingest.bulk_layout(pipeline.recipe()) == (ingest.CPU_BATCH, 2)  # the tests' recipe runs on the CPU
-    gpu = SimpleNamespace(extractor=SimpleNamespace(cuda=True))
+    monkeypatch.setattr(ingest.os, "sched_getaffinity", lambda pid: set(range(16)))
+    cpu, gpu = (SimpleNamespace(extractor=SimpleNamespace(cuda=cuda)) for cuda in (False, True))
+    assert ingest.bulk_layout(cpu) == (ingest.CPU_BATCH, 2)
     assert ingest.bulk_layout(gpu) == (ingest.GPU_BATCH, 14)  # every core but inference's and storage's decodes
+    monkeypatch.setattr(ingest.os, "sched_getaffinity", lambda pid: set(range(128)))
+    assert ingest.bulk_layout(gpu) == (ingest.GPU_BATCH, 32)
     settings.EMBED_BATCH_SIZE, settings.DECODE_THREADS = 48, 3
-    assert ingest.bulk_layout(gpu) == ingest.bulk_layout(pipeline.recipe()) == (48, 3)
+    assert ingest.bulk_layout(gpu) == ingest.bulk_layout(cpu) == (48, 3)
 
 
 @pytest.mark.django_db

@@ -91,7 +91,8 @@ def bulk_layout(recipe: pipeline.Recipe) -> tuple[int, int]:
     bottleneck, so every core but the two that run inference and storage decodes.
     """
     if recipe.extractor.cuda:
-        return settings.EMBED_BATCH_SIZE or GPU_BATCH, settings.DECODE_THREADS or max(2, (os.cpu_count() or 1) - 2)
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use (a container's share)
+        return settings.EMBED_BATCH_SIZE or GPU_BATCH, settings.DECODE_THREADS or min(32, max(2, cores - 2))
     return settings.EMBED_BATCH_SIZE or CPU_BATCH, settings.DECODE_THREADS or 2
 
 

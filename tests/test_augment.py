@@ -1,14 +1,18 @@
-"""Refreshing a collection's augmented vectors: each image's nearest neighbours in its own collection."""
+"""Refreshing a collection's augmented vectors: the right neighbours, once its uploads have settled."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
+from django.core.cache import cache
+from django.utils import timezone
 
 from retrieval.evaluation import rank_by_similarity
 from retrieval.reranking import augment_database
 from tests.factories import CollectionFactory, ImageFactory, default_version, embed, half, near, unit_vector
-from webapp import services
+from webapp import services, tasks
 from webapp.models import Embedding
 
 pytestmark = pytest.mark.django_db
@@ -42,3 +46,64 @@ def test_each_vector_is_averaged_with_its_nearest_in_its_own_collection(owner, s
     np.testing.assert_allclose(_augmented(collection), expected, atol=2e-3)  # stored in half precision
     np.testing.assert_array_equal(_augmented(outsider), np.stack([half(near(unit_vector(0), 999, spread=0.3))]))
     assert services.collection_augment(collection_id=collection.pk) == 0  # nothing left to change
+
+
+@pytest.fixture
+def requeued(monkeypatch) -> list[dict]:
+    calls: list[dict] = []
+    monkeypatch.setattr(tasks.augment_collection, "apply_async", lambda **kwargs: calls.append(kwargs))
+    yield calls
+    for call in calls:
+        cache.delete(services.augment_key(call["args"][0]))
+
+
+def test_an_upload_schedules_one_refresh_per_collection(owner, settings, requeued) -> None:
+    settings.AUGMENT_DELAY = 30
+    collection = _collection(owner, [unit_vector(1)])
+
+    services.schedule_augment(collection.pk)
+    services.schedule_augment(collection.pk)  # the pending one will see this upload too
+
+    assert len(requeued) == 1
+    assert requeued[0]["args"] == [collection.pk, cache.get(services.augment_key(collection.pk))]
+    assert requeued[0]["countdown"] == 30 and requeued[0]["queue"] == services.BULK_QUEUE
+
+
+def test_a_refresh_waits_while_the_collection_is_still_growing(owner, settings, requeued) -> None:
+    settings.AUGMENT_DELAY = 30
+    collection = _collection(owner, [unit_vector(1), near(unit_vector(1), 2)])  # vectors stored just now
+    first = time.time() - 5
+
+    assert tasks.augment_collection(collection.pk, first) == 0
+
+    assert len(requeued) == 1
+    assert requeued[0]["args"] == [collection.pk, first] and 25 < requeued[0]["countdown"] <= 31
+    assert cache.get(services.augment_key(collection.pk)) == first  # this chain still owns the refresh
+    unchanged = np.stack([half(unit_vector(1)), half(near(unit_vector(1), 2))])
+    np.testing.assert_array_equal(_augmented(collection), unchanged)
+
+
+def test_a_refresh_runs_once_uploads_pause_or_it_has_waited_its_longest(owner, settings, requeued) -> None:
+    settings.AUGMENT_DELAY = 30
+    quiet = _collection(owner, [unit_vector(1), near(unit_vector(1), 2)])
+    Embedding.objects.filter(collection=quiet).update(created_at=timezone.now() - timezone.timedelta(seconds=31))
+    busy = _collection(owner, [unit_vector(3), near(unit_vector(3), 4)])
+    almost = _collection(owner, [unit_vector(5), near(unit_vector(5), 6)])
+
+    assert tasks.augment_collection(quiet.pk, time.time()) == 2
+    assert tasks.augment_collection(busy.pk, 0.0) == 2  # first scheduled long ago: refreshed all the same
+    assert tasks.augment_collection(almost.pk, time.time() - 29.5 * 30) == 0
+    assert requeued[0]["countdown"] <= 0.5 * 30 + 1  # the wait never passes its longest
+    assert cache.get(services.augment_key(quiet.pk)) is None  # uploads from now on schedule anew
+
+
+def test_an_admins_refresh_runs_at_once_and_a_superseded_one_not_at_all(owner, settings, requeued) -> None:
+    settings.AUGMENT_DELAY = 30
+    growing = _collection(owner, [unit_vector(1), near(unit_vector(1), 2)])
+    taken = _collection(owner, [unit_vector(3), near(unit_vector(3), 4)])
+    cache.set(services.augment_key(taken.pk), 123.0)
+
+    assert tasks.augment_collection(growing.pk) == 2  # curation sends no `first`: no waiting
+    assert tasks.augment_collection(taken.pk, 456.0) == 0  # chain 123.0 holds the key
+    assert requeued == []
+    cache.delete(services.augment_key(taken.pk))

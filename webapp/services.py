@@ -6,6 +6,7 @@ import base64
 import hashlib
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,7 +484,7 @@ def image_mark_failed(*, image_id: int, error: str) -> None:
 def image_reembed(*, image_ids: list[int]) -> int:
     """Mark images pending and queue batch tasks on the bulk lane for them; return how many.
 
-    One batch task per EMBED_BATCH_SIZE images (at most MAX_BATCH_TASKS, each claiming batches
+    One batch task per EMBED_BATCH_SIZE images (32 when automatic; at most MAX_BATCH_TASKS, each claiming batches
     until none is pending), as an import queues them, not one task per image: a collection's
     worth of re-embedding is then a few messages, embedded in full batches. The rows are
     stamped queued with the change; should the broker be down at the commit, they are
@@ -558,7 +559,8 @@ def collection_augment(*, collection_id: int) -> int:
     version = EmbeddingModel.objects.filter(is_active=True).first()
     if version is None:
         return 0
-    with binary_cursor() as cursor:
+    # Django's wrapper turns psycopg's errors into django.db's, which the task retries.
+    with connection.wrap_database_errors, binary_cursor() as cursor:
         cursor.execute(
             """SELECT id, image_id, vector, augmented FROM simili_embedding
                WHERE model_version_id = %s AND collection_id = %s ORDER BY image_id""",
@@ -593,11 +595,55 @@ def collection_augment(*, collection_id: int) -> int:
     if len(changed):
         from pgvector import HalfVector
 
-        with transaction.atomic(), binary_cursor() as cursor:  # one commit, pipelined statements
-            cursor.executemany("UPDATE simili_embedding SET augmented = %b WHERE id = %s",
-                               [(HalfVector(augmented[i]), ids[i]) for i in changed])
+        # One commit, pipelined statements. A row moved to another collection since it was read
+        # keeps what the move gave it: this collection's neighbours are not its neighbours.
+        with transaction.atomic(), connection.wrap_database_errors, binary_cursor() as cursor:
+            cursor.executemany(
+                """UPDATE simili_embedding SET augmented = %b
+                   WHERE id = %s AND collection_id = %s AND model_version_id = %s""",
+                [(HalfVector(augmented[i]), ids[i], collection_id, version.pk) for i in changed],
+            )
     logger.info("refreshed %s augmented vector(s) in collection %s", len(changed), collection_id)
     return len(changed)
+
+
+#: A refresh waits for a collection's uploads to pause for AUGMENT_DELAY, but at most this many
+#: delays in all (5 minutes by default), so a steady trickle still gets its refresh.
+AUGMENT_MAX_DELAYS = 30
+
+
+def augment_key(collection_id: int) -> str:
+    """The cache key that holds the time its pending refresh was first scheduled: one per collection."""
+    return f"augment-pending:{collection_id}"
+
+
+def augment_key_seconds() -> int:
+    """How long the pending key outlives its refresh's longest wait, in case that task is lost."""
+    return int(AUGMENT_MAX_DELAYS * float(settings.AUGMENT_DELAY)) + 120
+
+
+def augment_wait(*, collection_id: int, waited: float) -> float:
+    """Return the seconds a refresh should still wait for the collection's uploads to settle (0: now).
+
+    A refresh reads the whole collection, so refreshing a collection that a bulk import is
+    still filling every AUGMENT_DELAY seconds costs quadratic time over the import; one refresh
+    after its last vector costs one pass (docs/benchmarks.md#augment).
+    """
+    delay = float(settings.AUGMENT_DELAY)
+    if delay <= 0 or waited >= AUGMENT_MAX_DELAYS * delay:
+        return 0.0
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """SELECT extract(epoch FROM clock_timestamp() - max(embedding.created_at))
+               FROM simili_embedding AS embedding
+               JOIN simili_embeddingmodel AS version ON version.id = embedding.model_version_id AND version.is_active
+               WHERE embedding.collection_id = %s""",
+            [collection_id],
+        )
+        (quiet,) = cursor.fetchone()
+    if quiet is None or float(quiet) >= delay:
+        return 0.0
+    return min(delay - float(quiet), AUGMENT_MAX_DELAYS * delay - waited)
 
 
 def schedule_augment(collection_id: int) -> None:
@@ -611,9 +657,15 @@ def schedule_augment(collection_id: int) -> None:
 
     from webapp.tasks import augment_collection
 
+    key, first = augment_key(collection_id), time.time()
     try:
-        if cache.add(f"augment-pending:{collection_id}", 1, timeout=int(settings.AUGMENT_DELAY) + 60):
-            augment_collection.apply_async(args=[collection_id], countdown=settings.AUGMENT_DELAY, queue=BULK_QUEUE)
+        if cache.add(key, first, timeout=augment_key_seconds()):  # else one is pending: it will see this upload
+            try:
+                augment_collection.apply_async(args=[collection_id, first], countdown=settings.AUGMENT_DELAY,
+                                               queue=BULK_QUEUE)
+            except Exception:
+                cache.delete(key)  # none was queued: the next upload must be able to schedule one
+                raise
     except Exception as exc:  # noqa: BLE001 - the next upload or the admin can refresh it
         logger.warning("could not schedule the refresh of collection %s: %s", collection_id, exc)
 

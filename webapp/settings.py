@@ -320,8 +320,9 @@ IMPORT_THREADS = env_int("IMPORT_THREADS", 2, minimum=1, maximum=64)
 SIMILAR_DBA = env_int("SIMILAR_DBA", 10, minimum=0, maximum=50)
 SIMILAR_QE = env_int("SIMILAR_QE", 10, minimum=0, maximum=50)
 SIMILAR_ALPHA = env_float("SIMILAR_ALPHA", 3.0, minimum=0.0)
-# Seconds the worker waits after an upload before refreshing its collection's augmented vectors,
-# so a bulk upload costs one refresh, not one per image.
+# Seconds a collection's uploads must pause before the worker refreshes its augmented vectors,
+# so a bulk upload costs one refresh, not one per image or per batch (a refresh reads the whole
+# collection); at most services.AUGMENT_MAX_DELAYS delays after the first upload of a burst.
 AUGMENT_DELAY = env_float("AUGMENT_DELAY", 10.0, minimum=0.0)
 # ef_search bounds how many candidates HNSW keeps per query; the iterative scan goes deeper
 # when filters drop rows. m and ef_construction shape the graph of indexes built from now on

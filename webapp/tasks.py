@@ -82,10 +82,34 @@ def media_gc() -> int:
 
 @shared_task(name="simili.augment_collection", ignore_result=True, autoretry_for=TRANSIENT_ERRORS,
              retry_backoff=2, max_retries=6)
-def augment_collection(collection_id: int) -> int:
+def augment_collection(collection_id: int, first: float | None = None) -> int:
+    """Refresh a collection's augmented vectors and near-duplicates.
+
+    `first` (when uploads scheduled it) is when the refresh was first scheduled: the task waits
+    for the collection's uploads to pause (`services.augment_wait`), coming back later while
+    vectors still arrive, and only the chain whose `first` the pending key holds goes on, so
+    a collection has one refresh pending at a time. Without it (an admin's curation, a message
+    from before the wait existed) the refresh runs at once.
+    """
+    import time
+
     from django.core.cache import cache
 
-    cache.delete(f"augment-pending:{collection_id}")  # uploads from now on schedule a new refresh
+    key = services.augment_key(collection_id)
+    if first is not None:
+        owner = cache.get(key)
+        if owner is not None and owner != first:
+            return 0  # another refresh of this collection is pending: it will see these vectors
+        wait = services.augment_wait(collection_id=collection_id, waited=time.time() - first)
+        if wait > 0:
+            cache.set(key, first, timeout=services.augment_key_seconds())
+            try:
+                augment_collection.apply_async(args=[collection_id, first], countdown=wait, queue=services.BULK_QUEUE)
+                return 0
+            except Exception:  # noqa: BLE001 - no broker to come back through: refresh now instead
+                logger.warning("could not queue the refresh of collection %s for later; refreshing now",
+                               collection_id, exc_info=True)
+    cache.delete(key)  # uploads from now on schedule a new refresh
     return services.collection_augment(collection_id=collection_id)
 
 

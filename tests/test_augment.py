@@ -13,7 +13,7 @@ from retrieval.evaluation import rank_by_similarity
 from retrieval.reranking import augment_database
 from tests.factories import CollectionFactory, ImageFactory, default_version, embed, half, near, unit_vector
 from webapp import services, tasks
-from webapp.models import Embedding
+from webapp.models import Embedding, Image, NearDuplicate
 
 pytestmark = pytest.mark.django_db
 
@@ -46,6 +46,53 @@ def test_each_vector_is_averaged_with_its_nearest_in_its_own_collection(owner, s
     np.testing.assert_allclose(_augmented(collection), expected, atol=2e-3)  # stored in half precision
     np.testing.assert_array_equal(_augmented(outsider), np.stack([half(near(unit_vector(0), 999, spread=0.3))]))
     assert services.collection_augment(collection_id=collection.pk) == 0  # nothing left to change
+
+
+def test_a_refresh_after_new_images_recomputes_only_what_they_change(owner, settings) -> None:
+    settings.SIMILAR_DBA, settings.SIMILAR_ALPHA = 5, 3.0
+    old = [half(near(unit_vector(seed % 3), 100 + seed, spread=1.0)) for seed in range(30)]
+    collection = _collection(owner, old)
+    services.collection_augment(collection_id=collection.pk)
+    assert not Embedding.objects.filter(collection=collection, augment_floor__isnull=True).exists()
+    # A row far from everything new, its stored vector spoiled: only a full refresh would mend it.
+    far = Embedding.objects.filter(collection=collection).order_by("image_id")[2]  # cluster 2
+    Embedding.objects.filter(pk=far.pk).update(augmented=half(unit_vector(77)))
+    new = [half(near(unit_vector(0), 200 + seed, spread=1.0)) for seed in range(4)] + [half(near(old[0], 9, 0.02))]
+    version = default_version()
+    for vector in new:
+        embed(ImageFactory(collection=collection), vector, version)
+
+    changed = services.collection_augment(collection_id=collection.pk, full=False)
+
+    database = np.stack(old + new)
+    itself = np.arange(len(database))
+    expected = augment_database(database, rank_by_similarity(database, database, exclude=itself), n=5, alpha=3.0)
+    stored = _augmented(collection)
+    mended = np.ones(len(database), dtype=bool)
+    mended[2] = False
+    assert 5 <= changed < len(database)
+    np.testing.assert_allclose(stored[mended], expected[mended], atol=2e-3)  # as if refreshed in full
+    np.testing.assert_array_equal(stored[2], half(unit_vector(77)))  # not affected, not recomputed
+    first_id = Embedding.objects.filter(collection=collection).order_by("image_id")[0].image_id
+    assert (first_id, max(Image.objects.filter(collection=collection).values_list("pk", flat=True))) in {
+        (pair.first_id, pair.second_id) for pair in NearDuplicate.objects.filter(collection=collection)
+    }  # the new near-copy of the first image
+    assert services.collection_augment(collection_id=collection.pk, full=False) == 0  # nothing new
+
+
+def test_a_deletion_or_other_settings_ask_for_a_full_refresh(owner, settings, requeued) -> None:
+    collection = _collection(owner, [unit_vector(1), near(unit_vector(1), 2), near(unit_vector(1), 3)])
+    services.augment_full_done(collection.pk)
+    assert not services.augment_full_due(collection.pk)
+    settings.SIMILAR_DBA = 3
+    assert services.augment_full_due(collection.pk)
+    services.augment_full_done(collection.pk)
+
+    services.image_delete(image=Image.objects.filter(collection=collection).first())
+
+    assert services.augment_full_due(collection.pk)
+    assert tasks.augment_collection(collection.pk) == 2  # the two left, each now averaged with the other only
+    assert not services.augment_full_due(collection.pk)
 
 
 @pytest.fixture

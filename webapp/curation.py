@@ -39,7 +39,8 @@ def images_move(*, image_ids: list[int], target: Collection) -> MoveSummary:
             summary.moved.append(image)
         # An augmented vector averages neighbours from its old collection; until the refresh
         # below runs, fall back to the image's own vector so nothing of the source leaks.
-        Embedding.objects.filter(image__in=summary.moved).update(augmented=F("vector"), collection=target)
+        Embedding.objects.filter(image__in=summary.moved).update(augmented=F("vector"), collection=target,
+                                                                      augment_floor=None)
         # A near-duplicate pair belongs to one collection; the refresh finds the new ones.
         NearDuplicate.objects.filter(Q(first__in=summary.moved) | Q(second__in=summary.moved)).delete()
         for collection_id in sources | ({target.pk} if summary.moved else set()):

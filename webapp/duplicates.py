@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from webapp.models import Collection, Image, NearDuplicate
@@ -22,21 +23,20 @@ from webapp.models import Collection, Image, NearDuplicate
 Pair = tuple[int, int, float]
 
 
-def pairs_in(scores: np.ndarray, image_ids: Sequence[int], *, offset: int) -> list[Pair]:
+def pairs_in(scores: np.ndarray, image_ids: Sequence[int], *, rows: Sequence[int]) -> list[Pair]:
     """Return (first id, second id, distance) for each pair of rows closer than the threshold.
 
-    `scores` holds cosine similarities of rows offset..offset+len(scores) against all rows.
+    `scores` holds cosine similarities of the collection's rows `rows` against all its rows; a
+    pair whose two rows are both in `rows` comes twice (callers key pairs by their ids).
     """
     threshold = float(settings.NEAR_DUPLICATE_DISTANCE)
     if threshold <= 0:
         return []
-    rows, cols = np.nonzero(scores > 1.0 - threshold)
+    found, cols = np.nonzero(scores > 1.0 - threshold)
     pairs = []
-    for row, col in zip(rows.tolist(), cols.tolist(), strict=True):
-        i, j = row + offset, col
-        if i < j:  # each pair once: the other row of the pair sees it as j < i
-            a, b = sorted((image_ids[i], image_ids[j]))
-            pairs.append((a, b, max(0.0, 1.0 - float(scores[row, col]))))
+    for row, col in zip(found.tolist(), cols.tolist(), strict=True):
+        a, b = sorted((image_ids[rows[row]], image_ids[col]))
+        pairs.append((a, b, max(0.0, 1.0 - float(scores[row, col]))))
     return pairs
 
 
@@ -50,6 +50,24 @@ def duplicates_record(*, collection_id: int, pairs: Sequence[Pair]) -> int:
         open_pairs = NearDuplicate.objects.filter(collection_id=collection_id, status=NearDuplicate.Status.OPEN)
         stale = [pk for pk, a, b in open_pairs.values_list("pk", "first_id", "second_id") if (a, b) not in found]
         NearDuplicate.objects.filter(pk__in=stale).delete()
+        NearDuplicate.objects.bulk_create(
+            [NearDuplicate(collection_id=collection_id, first_id=a, second_id=b, distance=d) for (a, b), d in
+             found.items()],
+            ignore_conflicts=True,
+        )
+    return len(found)
+
+
+def duplicates_record_for(*, collection_id: int, image_ids: Sequence[int], pairs: Sequence[Pair]) -> int:
+    """Store the near-duplicate pairs of some images (new or re-embedded), replacing their open ones.
+
+    The collection's other pairs stand: their vectors did not change. Dismissed pairs stay.
+    """
+    found = {(a, b): distance for a, b, distance in pairs}
+    with transaction.atomic():
+        NearDuplicate.objects.filter(collection_id=collection_id, status=NearDuplicate.Status.OPEN).filter(
+            Q(first_id__in=image_ids) | Q(second_id__in=image_ids)
+        ).delete()
         NearDuplicate.objects.bulk_create(
             [NearDuplicate(collection_id=collection_id, first_id=a, second_id=b, distance=d) for (a, b), d in
              found.items()],

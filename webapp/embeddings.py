@@ -160,7 +160,8 @@ def embeddings_store(*, version: EmbeddingModel, rows: Sequence[VectorRow]) -> i
             """INSERT INTO simili_embedding (image_id, model_version_id, collection_id, vector, augmented, created_at)
                VALUES (%s, %s, %s, %b, %b, now())
                ON CONFLICT (image_id, model_version_id) DO UPDATE
-               SET collection_id = EXCLUDED.collection_id, vector = EXCLUDED.vector, augmented = EXCLUDED.augmented""",
+               SET collection_id = EXCLUDED.collection_id, vector = EXCLUDED.vector, augmented = EXCLUDED.augmented,
+                   augment_floor = NULL""",
             params,
         )
     return len(params)

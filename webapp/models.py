@@ -214,6 +214,10 @@ class Embedding(models.Model):
     # heap row (STORAGE MAIN) so exact scans do not chase TOAST pointers. Each version has a
     # partial HNSW index over `augmented::halfvec(dim)` (services.embedding_index_build).
     augmented = HalfVectorField()
+    # The similarity of `augmented`'s farthest neighbour when it was last refreshed; NULL until
+    # then (and after a re-embed). A later refresh recomputes only new rows and the rows that a
+    # new one comes closer to than this (services.collection_augment).
+    augment_floor = models.FloatField(null=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -471,7 +471,7 @@ def image_delete(*, image: Image) -> None:
     collection_id = image.collection_id
     image.delete()
     delete_unreferenced_on_commit(paths)
-    schedule_augment(collection_id)
+    schedule_augment(collection_id, full=True)
 
 
 def image_mark_failed(*, image_id: int, error: str) -> None:
@@ -541,17 +541,19 @@ def augment_one(*, vector: np.ndarray, version: EmbeddingModel, collection_id: i
 AUGMENT_CHUNK = 1024
 
 
-def collection_augment(*, collection_id: int) -> int:
-    """Recompute every augmented vector of a collection (active version); return how many changed.
+def collection_augment(*, collection_id: int, full: bool = True) -> int:
+    """Refresh a collection's augmented vectors (active version); return how many changed.
 
     Each image's vector is averaged with its SIMILAR_DBA nearest neighbours in the same
     collection, never across collections, so a public image's vector never carries a private one.
     The same pass records the collection's near-duplicate pairs (webapp.duplicates).
 
-    A bulk worker runs this whenever uploads settle, so during a long import it runs again and
-    again on a growing collection: vectors are read and written in binary, each row's
-    neighbours are selected (`argpartition`), not sorted, and only changed rows are written
-    (bench/augment.py, docs/benchmarks.md#augment).
+    `full` recomputes every row. Otherwise only rows never refreshed (new or re-embedded: no
+    `augment_floor`) are compared with the collection, and of the others only those that a new
+    row comes closer to than their farthest neighbour: the same result as a full refresh when
+    rows were only added, for a cost that grows with the new rows, not the collection's square.
+    Vectors are read and written in binary, neighbours selected with `argpartition`, and only
+    changed rows written (bench/augment.py, docs/benchmarks.md#augment).
     """
     from webapp import duplicates
     from webapp.embeddings import binary_cursor
@@ -562,7 +564,7 @@ def collection_augment(*, collection_id: int) -> int:
     # Django's wrapper turns psycopg's errors into django.db's, which the task retries.
     with connection.wrap_database_errors, binary_cursor() as cursor:
         cursor.execute(
-            """SELECT id, image_id, vector, augmented FROM simili_embedding
+            """SELECT id, image_id, vector, augmented, augment_floor FROM simili_embedding
                WHERE model_version_id = %s AND collection_id = %s ORDER BY image_id""",
             [version.pk, collection_id], binary=True,
         )
@@ -574,36 +576,67 @@ def collection_augment(*, collection_id: int) -> int:
     image_ids = [int(row[1]) for row in rows]
     vectors = np.stack([videos.as_array(row[2]) for row in rows])
     stored = np.stack([videos.as_array(row[3]) for row in rows])
+    floors = np.array([np.nan if row[4] is None else row[4] for row in rows], dtype=np.float64)
     del rows
+    fresh = np.flatnonzero(np.isnan(floors))
+    if not full and len(fresh) == 0:
+        return 0
+    full = full or len(fresh) == len(ids)
     n = min(settings.SIMILAR_DBA, len(ids) - 1)
-    augmented = vectors.copy()
+    augmented, new_floors = stored.copy(), floors.copy()
     pairs: list[tuple[int, int, float]] = []
-    for start in range(0, len(ids), AUGMENT_CHUNK):
-        chunk = vectors[start:start + AUGMENT_CHUNK]
-        scores = chunk @ vectors.T
-        scores[np.arange(len(chunk)), np.arange(start, start + len(chunk))] = -np.inf  # not itself
-        pairs.extend(duplicates.pairs_in(scores, image_ids, offset=start))
-        if n > 0:
-            # The n best of each row, in no particular order: the average does not depend on it.
-            ranking = np.argpartition(-scores, n - 1, axis=1)[:, :n]
-            augmented[start:start + len(chunk)] = expand_queries(
-                chunk, vectors, ranking, n=n, alpha=settings.SIMILAR_ALPHA
-            )
-    duplicates.duplicates_record(collection_id=collection_id, pairs=pairs)
+
+    def refresh(indices: np.ndarray, *, find_pairs: bool) -> np.ndarray:
+        """Recompute `indices`' rows; return, per collection row, its best similarity to any of them."""
+        closest = np.full(len(ids), -np.inf, dtype=np.float32)
+        for start in range(0, len(indices), AUGMENT_CHUNK):
+            rows = indices[start:start + AUGMENT_CHUNK]
+            scores = vectors[rows] @ vectors.T
+            scores[np.arange(len(rows)), rows] = -np.inf  # not itself
+            np.maximum(closest, scores.max(axis=0), out=closest)
+            if find_pairs:
+                pairs.extend(duplicates.pairs_in(scores, image_ids, rows=rows.tolist()))
+            if n > 0:
+                # The n best of each row, in no particular order: the average does not depend on it.
+                ranking = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+                augmented[rows] = expand_queries(vectors[rows], vectors, ranking, n=n, alpha=settings.SIMILAR_ALPHA)
+                worst = np.take_along_axis(scores, ranking, axis=1).min(axis=1)
+            else:
+                augmented[rows] = vectors[rows]
+                worst = np.full(len(rows), np.inf)
+            # With every other row a neighbour, any new row joins them: no floor keeps it out.
+            new_floors[rows] = worst if n == settings.SIMILAR_DBA else -np.inf
+        return closest
+
+    if full:
+        refresh(np.arange(len(ids)), find_pairs=True)
+        duplicates.duplicates_record(collection_id=collection_id, pairs=pairs)
+        touched = np.arange(len(ids))
+    else:
+        closest = refresh(fresh, find_pairs=True)
+        fresh_set = set(fresh.tolist())
+        affected = np.array([i for i in np.flatnonzero(closest > floors) if i not in fresh_set], dtype=np.int64)
+        refresh(affected, find_pairs=False)
+        duplicates.duplicates_record_for(collection_id=collection_id,
+                                         image_ids=[image_ids[i] for i in fresh], pairs=pairs)
+        touched = np.concatenate([fresh, affected])
     # Stored in half precision: a difference below its resolution is no change (np.allclose's test).
-    changed = np.flatnonzero(~np.all(np.abs(stored - augmented) <= 1e-3 + 1e-5 * np.abs(augmented), axis=1))
-    if len(changed):
+    moved = ~np.all(np.abs(stored[touched] - augmented[touched]) <= 1e-3 + 1e-5 * np.abs(augmented[touched]), axis=1)
+    changed = touched[moved]
+    write = touched[moved | (floors[touched] != new_floors[touched])]  # NaN != x: fresh rows get their floor
+    if len(write):
         from pgvector import HalfVector
 
         # One commit, pipelined statements. A row moved to another collection since it was read
         # keeps what the move gave it: this collection's neighbours are not its neighbours.
         with transaction.atomic(), connection.wrap_database_errors, binary_cursor() as cursor:
             cursor.executemany(
-                """UPDATE simili_embedding SET augmented = %b
+                """UPDATE simili_embedding SET augmented = %b, augment_floor = %s
                    WHERE id = %s AND collection_id = %s AND model_version_id = %s""",
-                [(HalfVector(augmented[i]), ids[i], collection_id, version.pk) for i in changed],
+                [(HalfVector(augmented[i]), float(new_floors[i]), ids[i], collection_id, version.pk) for i in write],
             )
-    logger.info("refreshed %s augmented vector(s) in collection %s", len(changed), collection_id)
+    logger.info("refreshed %s augmented vector(s) in collection %s (%s)", len(changed), collection_id,
+                "full" if full else f"{len(fresh)} new, {len(touched) - len(fresh)} affected")
     return len(changed)
 
 
@@ -646,7 +679,28 @@ def augment_wait(*, collection_id: int, waited: float) -> float:
     return min(delay - float(quiet), AUGMENT_MAX_DELAYS * delay - waited)
 
 
-def schedule_augment(collection_id: int) -> None:
+def augment_params() -> str:
+    """What a refresh's result depends on besides the vectors: a change calls for a full one."""
+    return f"{settings.SIMILAR_DBA}/{settings.SIMILAR_ALPHA}/{settings.NEAR_DUPLICATE_DISTANCE}"
+
+
+def augment_full_due(collection_id: int) -> bool:
+    """Whether the next refresh must recompute every row: after a deletion, with other settings
+    than the last full one, or when the cache has no record of one (a refresh that only adds
+    rows assumes the rest are current)."""
+    from django.core.cache import cache
+
+    return bool(cache.get(f"augment-full:{collection_id}")) or cache.get(
+        f"augment-params:{collection_id}") != augment_params()
+
+
+def augment_full_done(collection_id: int) -> None:
+    from django.core.cache import cache
+
+    cache.set(f"augment-params:{collection_id}", augment_params(), timeout=None)
+
+
+def schedule_augment(collection_id: int, *, full: bool = False) -> None:
     """Refresh the collection's augmented vectors and near-duplicates once uploads settle.
 
     One refresh per burst of uploads, not one per image.
@@ -659,6 +713,8 @@ def schedule_augment(collection_id: int) -> None:
 
     key, first = augment_key(collection_id), time.time()
     try:
+        if full:  # an image left: its neighbours' vectors still average it in
+            cache.set(f"augment-full:{collection_id}", 1, timeout=None)
         if cache.add(key, first, timeout=augment_key_seconds()):  # else one is pending: it will see this upload
             try:
                 augment_collection.apply_async(args=[collection_id, first], countdown=settings.AUGMENT_DELAY,

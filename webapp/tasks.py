@@ -110,7 +110,13 @@ def augment_collection(collection_id: int, first: float | None = None) -> int:
                 logger.warning("could not queue the refresh of collection %s for later; refreshing now",
                                collection_id, exc_info=True)
     cache.delete(key)  # uploads from now on schedule a new refresh
-    return services.collection_augment(collection_id=collection_id)
+    full = first is None or services.augment_full_due(collection_id)
+    if full:
+        cache.delete(f"augment-full:{collection_id}")  # a deletion from now on asks for another
+    changed = services.collection_augment(collection_id=collection_id, full=full)
+    if full:
+        services.augment_full_done(collection_id)
+    return changed
 
 
 @worker_ready.connect

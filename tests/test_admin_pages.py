@@ -60,6 +60,22 @@ def test_moving_images_asks_for_the_target_then_skips_duplicates(admin_client_, 
     assert moved.collection_id == target.pk
 
 
+def test_the_change_form_cannot_move_an_image_past_its_vectors(admin_client_, owner) -> None:
+    source, target = CollectionFactory(owner=owner, name="Source"), CollectionFactory(owner=owner, name="Target")
+    image = ImageFactory(collection=source, original_name="before.jpg")
+    embed(image, unit_vector(1))
+    url = reverse("admin:simili_image_change", args=[image.pk])
+    assert 'name="collection"' not in admin_client_.get(url).content.decode()
+
+    response = admin_client_.post(url, {"original_name": "after.jpg", "collection": target.pk, "status": "failed",
+                                        "tags-TOTAL_FORMS": "0", "tags-INITIAL_FORMS": "0"})
+
+    image.refresh_from_db()
+    assert response.status_code in (200, 302)
+    assert image.collection == source and image.status == ImageStatus.READY
+    assert Embedding.objects.get(image=image).collection_id == source.pk
+
+
 def test_the_health_page_is_for_staff_only(owner_client, anonymous_client) -> None:
     for client in (owner_client, anonymous_client):
         response = client.get(reverse("admin_health"))

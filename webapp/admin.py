@@ -95,8 +95,11 @@ class ImageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                     "created_at")
     list_filter = ("status", "collection__visibility", "embeddings__model_version", "mime_type")
     search_fields = ("original_name", "key", "sha256", "collection__name", "tags__label", "error")
+    # The collection changes only through the Move action, which moves the vectors and pairs
+    # with it (a vector left behind would show the image to its old collection's viewers);
+    # the status is the workers' (Re-embed queues an image again).
     readonly_fields = (
-        "key", "sha256", "file_path", "thumbnail_path", "mime_type", "width", "height",
+        "key", "collection", "status", "sha256", "file_path", "thumbnail_path", "mime_type", "width", "height",
         "byte_size", "created_at", "updated_at", "processed_at", "thumbnail",
     )
     actions = ("reembed", "move")

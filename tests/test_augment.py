@@ -80,19 +80,60 @@ def test_a_refresh_after_new_images_recomputes_only_what_they_change(owner, sett
     assert services.collection_augment(collection_id=collection.pk, full=False) == 0  # nothing new
 
 
-def test_a_deletion_or_other_settings_ask_for_a_full_refresh(owner, settings, requeued) -> None:
+def test_a_deletion_or_other_settings_ask_for_a_full_refresh(owner, settings, requeued,
+                                                              django_capture_on_commit_callbacks) -> None:
+    settings.AUGMENT_DELAY = 30
     collection = _collection(owner, [unit_vector(1), near(unit_vector(1), 2), near(unit_vector(1), 3)])
-    services.augment_full_done(collection.pk)
-    assert not services.augment_full_due(collection.pk)
+    Embedding.objects.filter(collection=collection).update(created_at=timezone.now() - timezone.timedelta(seconds=60))
+    long_ago = time.time() - 10_000
+    assert tasks.augment_collection(collection.pk, long_ago) == 3  # the first refresh is full: no record of one
+    assert services.augment_full_due(collection.pk) == (False, None)
     settings.SIMILAR_DBA = 3
-    assert services.augment_full_due(collection.pk)
-    services.augment_full_done(collection.pk)
+    assert services.augment_full_due(collection.pk)[0]
+    assert tasks.augment_collection(collection.pk, long_ago) == 0  # full (other settings), nothing moved
+    assert services.augment_full_due(collection.pk) == (False, None)
 
-    services.image_delete(image=Image.objects.filter(collection=collection).first())
+    with django_capture_on_commit_callbacks(execute=True):
+        services.image_delete(image=Image.objects.filter(collection=collection).first())
 
-    assert services.augment_full_due(collection.pk)
-    assert tasks.augment_collection(collection.pk) == 2  # the two left, each now averaged with the other only
-    assert not services.augment_full_due(collection.pk)
+    assert services.augment_full_due(collection.pk)[0]
+    cache.delete(services.augment_key(collection.pk))  # the chain the deletion scheduled (not run here)
+    # An upload's chain, not an admin's: full only because the deletion asked for it.
+    assert tasks.augment_collection(collection.pk, long_ago) == 2  # the two left, each now with the other only
+    assert services.augment_full_due(collection.pk) == (False, None)
+
+
+def test_in_a_collection_smaller_than_its_neighbour_count_each_new_image_joins_all(owner, settings) -> None:
+    settings.SIMILAR_DBA, settings.SIMILAR_ALPHA = 10, 3.0
+    vectors = [half(near(unit_vector(0), 300 + seed, spread=1.0)) for seed in range(8)]  # one cluster: all count
+    collection = _collection(owner, vectors[:2])  # fewer rows than neighbours: every new one joins all
+    services.collection_augment(collection_id=collection.pk)
+    version = default_version()
+    for vector in vectors[2:]:
+        embed(ImageFactory(collection=collection), vector, version)
+        services.collection_augment(collection_id=collection.pk, full=False)
+
+    database = np.stack(vectors)
+    itself = np.arange(len(database))
+    expected = augment_database(database, rank_by_similarity(database, database, exclude=itself), n=7, alpha=3.0)
+    np.testing.assert_allclose(_augmented(collection), expected, atol=2e-3)
+
+
+def test_without_augmentation_a_refresh_keeps_raw_vectors_and_finds_pairs(owner, settings) -> None:
+    settings.SIMILAR_DBA = 0
+    collection = _collection(owner, [half(unit_vector(1)), half(near(unit_vector(1), 2, spread=0.02))])
+    services.collection_augment(collection_id=collection.pk)
+    pair = NearDuplicate.objects.get(collection=collection)
+    pair.status = NearDuplicate.Status.DISMISSED
+    pair.save()
+    embed(ImageFactory(collection=collection), half(near(unit_vector(1), 3, spread=0.02)))
+
+    assert services.collection_augment(collection_id=collection.pk, full=False) == 0
+
+    assert set(Embedding.objects.filter(collection=collection).values_list("augment_floor", flat=True)) == {
+        float("inf")}
+    statuses = sorted(NearDuplicate.objects.filter(collection=collection).values_list("status", flat=True))
+    assert statuses == ["dismissed", "open", "open"]  # the dismissed answer kept; the new copy paired twice
 
 
 @pytest.fixture

@@ -49,7 +49,9 @@ def images_move(*, image_ids: list[int], target: Collection) -> MoveSummary:
 
 
 def _refresh(collection_id: int) -> None:
-    from webapp.services import BULK_QUEUE
+    from webapp.services import BULK_QUEUE, augment_full_request
     from webapp.tasks import augment_collection
+
+    augment_full_request(collection_id)  # should this message be lost, the next refresh is full
 
     augment_collection.apply_async(args=[collection_id], queue=BULK_QUEUE)

@@ -65,9 +65,12 @@ def duplicates_record_for(*, collection_id: int, image_ids: Sequence[int], pairs
     """
     found = {(a, b): distance for a, b, distance in pairs}
     with transaction.atomic():
-        NearDuplicate.objects.filter(collection_id=collection_id, status=NearDuplicate.Status.OPEN).filter(
+        theirs = NearDuplicate.objects.filter(collection_id=collection_id, status=NearDuplicate.Status.OPEN).filter(
             Q(first_id__in=image_ids) | Q(second_id__in=image_ids)
-        ).delete()
+        )
+        # Pairs that still hold keep their rows (a review page may be about to dismiss one by id).
+        stale = [pk for pk, a, b in theirs.values_list("pk", "first_id", "second_id") if (a, b) not in found]
+        NearDuplicate.objects.filter(pk__in=stale).delete()
         NearDuplicate.objects.bulk_create(
             [NearDuplicate(collection_id=collection_id, first_id=a, second_id=b, distance=d) for (a, b), d in
              found.items()],

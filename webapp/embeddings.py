@@ -191,7 +191,7 @@ def embedding_model_activate(*, version: EmbeddingModel) -> None:
         EmbeddingModel.objects.filter(pk=version.pk).update(is_active=True)
     version.is_active = True
     for collection_id in Collection.objects.values_list("pk", flat=True):
-        schedule_augment(collection_id)
+        schedule_augment(collection_id, full=True)  # its floors (if any) date from when it was last active
     from webapp import videos
 
     videos.videos_refresh_for_version(version=version)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -471,7 +472,8 @@ def image_delete(*, image: Image) -> None:
     collection_id = image.collection_id
     image.delete()
     delete_unreferenced_on_commit(paths)
-    schedule_augment(collection_id, full=True)
+    # Once the row is gone for every reader: a refresh that read it would average it in again.
+    transaction.on_commit(lambda: schedule_augment(collection_id, full=True), robust=True)
 
 
 def image_mark_failed(*, image_id: int, error: str) -> None:
@@ -507,8 +509,11 @@ def image_reembed(*, image_ids: list[int]) -> int:
                                                 enqueued_at=timezone.now())
         # A vector row exists only while its image is searchable: the similarity query then
         # reads one table and skips nothing (docs/search.md).
+        collections = set(Image.objects.filter(pk__in=ids).values_list("collection_id", flat=True))
         Embedding.objects.filter(image_id__in=ids).delete()
         transaction.on_commit(enqueue, robust=True)
+        for collection_id in collections:  # their old vectors are still in their neighbours' averages
+            transaction.on_commit(lambda cid=collection_id: augment_full_request(cid), robust=True)
     return len(ids)
 
 
@@ -536,9 +541,10 @@ def augment_one(*, vector: np.ndarray, version: EmbeddingModel, collection_id: i
     return expand_query(vector, neighbours, n=settings.SIMILAR_DBA, alpha=settings.SIMILAR_ALPHA)
 
 
-#: Rows whose similarities are computed at once when refreshing a collection: 1024 x 100k
-#: float32 scores is 400 MB, the most we allow one refresh to hold.
+#: Rows whose similarities are computed at once when refreshing a collection, and the bytes
+#: their scores and neighbour selection may hold (fewer rows for a large collection).
 AUGMENT_CHUNK = 1024
+AUGMENT_BYTES = 400_000_000
 
 
 def collection_augment(*, collection_id: int, full: bool = True) -> int:
@@ -589,8 +595,9 @@ def collection_augment(*, collection_id: int, full: bool = True) -> int:
     def refresh(indices: np.ndarray, *, find_pairs: bool) -> np.ndarray:
         """Recompute `indices`' rows; return, per collection row, its best similarity to any of them."""
         closest = np.full(len(ids), -np.inf, dtype=np.float32)
-        for start in range(0, len(indices), AUGMENT_CHUNK):
-            rows = indices[start:start + AUGMENT_CHUNK]
+        chunk = max(16, min(AUGMENT_CHUNK, AUGMENT_BYTES // (12 * len(ids))))  # scores + argpartition's indices
+        for start in range(0, len(indices), chunk):
+            rows = indices[start:start + chunk]
             scores = vectors[rows] @ vectors.T
             scores[np.arange(len(rows)), rows] = -np.inf  # not itself
             np.maximum(closest, scores.max(axis=0), out=closest)
@@ -598,7 +605,7 @@ def collection_augment(*, collection_id: int, full: bool = True) -> int:
                 pairs.extend(duplicates.pairs_in(scores, image_ids, rows=rows.tolist()))
             if n > 0:
                 # The n best of each row, in no particular order: the average does not depend on it.
-                ranking = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+                ranking = np.argpartition(scores, -n, axis=1)[:, -n:]
                 augmented[rows] = expand_queries(vectors[rows], vectors, ranking, n=n, alpha=settings.SIMILAR_ALPHA)
                 worst = np.take_along_axis(scores, ranking, axis=1).min(axis=1)
             else:
@@ -615,7 +622,9 @@ def collection_augment(*, collection_id: int, full: bool = True) -> int:
     else:
         closest = refresh(fresh, find_pairs=True)
         fresh_set = set(fresh.tolist())
-        affected = np.array([i for i in np.flatnonzero(closest > floors) if i not in fresh_set], dtype=np.int64)
+        # >= with a margin: the floors came from other matrix products, equal within rounding.
+        affected = np.array([i for i in np.flatnonzero(closest >= floors - 1e-5) if i not in fresh_set],
+                            dtype=np.int64)
         refresh(affected, find_pairs=False)
         duplicates.duplicates_record_for(collection_id=collection_id,
                                          image_ids=[image_ids[i] for i in fresh], pairs=pairs)
@@ -630,10 +639,13 @@ def collection_augment(*, collection_id: int, full: bool = True) -> int:
         # One commit, pipelined statements. A row moved to another collection since it was read
         # keeps what the move gave it: this collection's neighbours are not its neighbours.
         with transaction.atomic(), connection.wrap_database_errors, binary_cursor() as cursor:
+            # ... and a row re-embedded meanwhile (its floor reset) stays fresh for the next refresh.
             cursor.executemany(
                 """UPDATE simili_embedding SET augmented = %b, augment_floor = %s
-                   WHERE id = %s AND collection_id = %s AND model_version_id = %s""",
-                [(HalfVector(augmented[i]), float(new_floors[i]), ids[i], collection_id, version.pk) for i in write],
+                   WHERE id = %s AND collection_id = %s AND model_version_id = %s
+                     AND augment_floor IS NOT DISTINCT FROM %s""",
+                [(HalfVector(augmented[i]), float(new_floors[i]), ids[i], collection_id, version.pk,
+                  None if np.isnan(floors[i]) else float(floors[i])) for i in write],
             )
     logger.info("refreshed %s augmented vector(s) in collection %s (%s)", len(changed), collection_id,
                 "full" if full else f"{len(fresh)} new, {len(touched) - len(fresh)} affected")
@@ -684,20 +696,59 @@ def augment_params() -> str:
     return f"{settings.SIMILAR_DBA}/{settings.SIMILAR_ALPHA}/{settings.NEAR_DUPLICATE_DISTANCE}"
 
 
-def augment_full_due(collection_id: int) -> bool:
-    """Whether the next refresh must recompute every row: after a deletion, with other settings
-    than the last full one, or when the cache has no record of one (a refresh that only adds
-    rows assumes the rest are current)."""
+#: A full refresh at least this often (seconds) whatever the cache says: the record of the last
+#: one expires, and a missing record means full (a safety net for a flag lost with Redis).
+AUGMENT_FULL_EVERY = 86_400
+
+
+def augment_full_request(collection_id: int) -> None:
+    """Ask for the collection's next refresh to recompute every row (an image left or moved)."""
     from django.core.cache import cache
 
-    return bool(cache.get(f"augment-full:{collection_id}")) or cache.get(
-        f"augment-params:{collection_id}") != augment_params()
+    cache.set(f"augment-full:{collection_id}", time.time(), timeout=None)  # a token: see augment_full_done
 
 
-def augment_full_done(collection_id: int) -> None:
+def augment_full_due(collection_id: int) -> tuple[bool, object]:
+    """Whether the next refresh must recompute every row, and the request it would answer.
+
+    Full after a deletion or a move (a request), with other settings than the last full one,
+    or when the cache has no record of one (a refresh that only adds rows assumes the rest are
+    current).
+    """
     from django.core.cache import cache
 
-    cache.set(f"augment-params:{collection_id}", augment_params(), timeout=None)
+    request = cache.get(f"augment-full:{collection_id}")
+    due = request is not None or cache.get(f"augment-params:{collection_id}") != augment_params()
+    return due, request
+
+
+def augment_full_done(collection_id: int, request: object) -> None:
+    """Record a successful full refresh; drop the request it answered, unless a newer one came."""
+    from django.core.cache import cache
+
+    cache.set(f"augment-params:{collection_id}", augment_params(), timeout=AUGMENT_FULL_EVERY)
+    key = f"augment-full:{collection_id}"
+    if request is not None and cache.get(key) == request:
+        cache.delete(key)
+
+
+#: Advisory-lock class of a collection refresh: two refreshes of one collection overlapping would
+#: write each other's stale results over rows the other had just refreshed.
+AUGMENT_LOCK = 5_140_002
+
+
+@contextlib.contextmanager
+def augment_lock(collection_id: int) -> Iterator[bool]:
+    """Hold the collection's refresh lock (session-level) while the block runs; yield False if taken."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", [AUGMENT_LOCK, collection_id])
+        (held,) = cursor.fetchone()
+    try:
+        yield bool(held)
+    finally:
+        if held:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [AUGMENT_LOCK, collection_id])
 
 
 def schedule_augment(collection_id: int, *, full: bool = False) -> None:
@@ -714,7 +765,7 @@ def schedule_augment(collection_id: int, *, full: bool = False) -> None:
     key, first = augment_key(collection_id), time.time()
     try:
         if full:  # an image left: its neighbours' vectors still average it in
-            cache.set(f"augment-full:{collection_id}", 1, timeout=None)
+            augment_full_request(collection_id)
         if cache.add(key, first, timeout=augment_key_seconds()):  # else one is pending: it will see this upload
             try:
                 augment_collection.apply_async(args=[collection_id, first], countdown=settings.AUGMENT_DELAY,

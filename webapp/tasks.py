@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery.signals import worker_ready
+from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
 from webapp import services
@@ -109,14 +110,19 @@ def augment_collection(collection_id: int, first: float | None = None) -> int:
             except Exception:  # noqa: BLE001 - no broker to come back through: refresh now instead
                 logger.warning("could not queue the refresh of collection %s for later; refreshing now",
                                collection_id, exc_info=True)
-    cache.delete(key)  # uploads from now on schedule a new refresh
-    full = first is None or services.augment_full_due(collection_id)
-    if full:
-        cache.delete(f"augment-full:{collection_id}")  # a deletion from now on asks for another
-    changed = services.collection_augment(collection_id=collection_id, full=full)
-    if full:
-        services.augment_full_done(collection_id)
-    return changed
+    with services.augment_lock(collection_id) as held:
+        if not held:  # another worker is refreshing it: come back once it is done
+            augment_collection.apply_async(args=[collection_id] if first is None else [collection_id, first],
+                                           countdown=max(1.0, float(settings.AUGMENT_DELAY)),
+                                           queue=services.BULK_QUEUE)
+            return 0
+        cache.delete(key)  # uploads from now on schedule a new refresh
+        due, request = services.augment_full_due(collection_id)
+        full = first is None or due
+        changed = services.collection_augment(collection_id=collection_id, full=full)
+        if full:  # only now: a refresh that failed or was killed leaves the request for the next
+            services.augment_full_done(collection_id, request)
+        return changed
 
 
 @worker_ready.connect

@@ -40,36 +40,20 @@ def pairs_in(scores: np.ndarray, image_ids: Sequence[int], *, rows: Sequence[int
     return pairs
 
 
-def duplicates_record(*, collection_id: int, pairs: Sequence[Pair]) -> int:
+def duplicates_record(*, collection_id: int, pairs: Sequence[Pair], image_ids: Sequence[int] | None = None) -> int:
     """Store the collection's current near-duplicate pairs; drop open ones that no longer hold.
 
-    Dismissed pairs stay as they are: a reviewer's answer outlives re-indexing.
+    With `image_ids` (new or re-embedded images), `pairs` are theirs and only their open pairs
+    are replaced: the collection's other pairs stand, as their vectors did not change. Pairs
+    that still hold keep their rows (a review page may be about to dismiss one by id), and
+    dismissed pairs stay as they are: a reviewer's answer outlives re-indexing.
     """
     found = {(a, b): distance for a, b, distance in pairs}
     with transaction.atomic():
         open_pairs = NearDuplicate.objects.filter(collection_id=collection_id, status=NearDuplicate.Status.OPEN)
+        if image_ids is not None:
+            open_pairs = open_pairs.filter(Q(first_id__in=image_ids) | Q(second_id__in=image_ids))
         stale = [pk for pk, a, b in open_pairs.values_list("pk", "first_id", "second_id") if (a, b) not in found]
-        NearDuplicate.objects.filter(pk__in=stale).delete()
-        NearDuplicate.objects.bulk_create(
-            [NearDuplicate(collection_id=collection_id, first_id=a, second_id=b, distance=d) for (a, b), d in
-             found.items()],
-            ignore_conflicts=True,
-        )
-    return len(found)
-
-
-def duplicates_record_for(*, collection_id: int, image_ids: Sequence[int], pairs: Sequence[Pair]) -> int:
-    """Store the near-duplicate pairs of some images (new or re-embedded), replacing their open ones.
-
-    The collection's other pairs stand: their vectors did not change. Dismissed pairs stay.
-    """
-    found = {(a, b): distance for a, b, distance in pairs}
-    with transaction.atomic():
-        theirs = NearDuplicate.objects.filter(collection_id=collection_id, status=NearDuplicate.Status.OPEN).filter(
-            Q(first_id__in=image_ids) | Q(second_id__in=image_ids)
-        )
-        # Pairs that still hold keep their rows (a review page may be about to dismiss one by id).
-        stale = [pk for pk, a, b in theirs.values_list("pk", "first_id", "second_id") if (a, b) not in found]
         NearDuplicate.objects.filter(pk__in=stale).delete()
         NearDuplicate.objects.bulk_create(
             [NearDuplicate(collection_id=collection_id, first_id=a, second_id=b, distance=d) for (a, b), d in

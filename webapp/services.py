@@ -626,8 +626,8 @@ def collection_augment(*, collection_id: int, full: bool = True) -> int:
         affected = np.array([i for i in np.flatnonzero(closest >= floors - 1e-5) if i not in fresh_set],
                             dtype=np.int64)
         refresh(affected, find_pairs=False)
-        duplicates.duplicates_record_for(collection_id=collection_id,
-                                         image_ids=[image_ids[i] for i in fresh], pairs=pairs)
+        duplicates.duplicates_record(collection_id=collection_id, pairs=pairs,
+                                     image_ids=[image_ids[i] for i in fresh])
         touched = np.concatenate([fresh, affected])
     # Stored in half precision: a difference below its resolution is no change (np.allclose's test).
     moved = ~np.all(np.abs(stored[touched] - augmented[touched]) <= 1e-3 + 1e-5 * np.abs(augmented[touched]), axis=1)

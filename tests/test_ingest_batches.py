@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 
+import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from tests.factories import CollectionFactory, ImageFactory
+from tests.factories import CollectionFactory, ImageFactory, embed, unit_vector
 from webapp import ingest, pipeline, storage
-from webapp.models import Image, ImageStatus
+from webapp.models import Embedding, Image, ImageStatus
 
 
 def _stored_jpeg(size: tuple[int, int]) -> tuple[str, bytes]:
@@ -68,3 +69,22 @@ def test_a_batch_is_marked_ready_with_each_images_own_thumbnail(owner) -> None:
         assert (image.status, image.error, image.thumbnail_path) == expected
         assert image.processed_at is not None
     assert Image.objects.get(pk=other.pk).status == ImageStatus.PROCESSING
+
+
+@pytest.mark.django_db
+def test_an_image_moved_while_it_was_embedded_is_stored_in_its_new_collection(owner) -> None:
+    source, target = CollectionFactory(owner=owner), CollectionFactory(owner=owner)
+    relative, data = _stored_jpeg((640, 480))
+    image = ImageFactory(collection=source, status=ImageStatus.PROCESSING, file_path=relative,
+                         sha256=hashlib.sha256(data).hexdigest(), width=640, height=480)
+    job = ingest.Job(image_id=image.pk, collection_id=source.pk, sha256=image.sha256, file_path=relative,
+                     width=640, height=480)
+    decoded = ingest.decode(job, pipeline.recipe())
+    Image.objects.filter(pk=image.pk).update(collection=target)  # an admin's Move, mid-embedding
+    embed(ImageFactory(collection=source), unit_vector(3))  # an old neighbour to average in
+
+    assert ingest.store([decoded], pipeline.recipe(), augment_each=True) == 1
+
+    row = Embedding.objects.get(image=image)
+    assert row.collection_id == target.pk
+    np.testing.assert_allclose(np.asarray(row.augmented, dtype=np.float32), np.asarray(row.vector), atol=1e-3)

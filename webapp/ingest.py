@@ -157,9 +157,13 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
         for item, vector in zip(good, vectors, strict=True)
     ]
     with transaction.atomic():
-        alive = set(Image.objects.select_for_update().filter(pk__in=thumbnails).values_list("pk", flat=True))
+        # Each image's collection now, not at its claim: one moved meanwhile (an admin's Move) is
+        # searched in its new collection only, with its own vector until that one is refreshed.
+        current = dict(Image.objects.select_for_update().filter(pk__in=thumbnails).values_list("pk", "collection_id"))
+        alive = set(current)
         embeddings.embeddings_store(version=version, rows=[
-            embeddings.VectorRow(item.job.image_id, item.job.collection_id, vector, aug)
+            embeddings.VectorRow(item.job.image_id, current[item.job.image_id], vector,
+                                 aug if current[item.job.image_id] == item.job.collection_id else vector)
             for item, vector, aug in zip(good, vectors, augmented, strict=True)
             if item.job.image_id in alive
         ])
@@ -181,7 +185,7 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
         except Exception:  # noqa: BLE001 - the batch is stored and ready; the next one tries again
             logger.warning("could not build the HNSW index of %s; searches scan exactly meanwhile", version.key,
                            exc_info=True)
-    for collection_id in {item.job.collection_id for item in good}:
+    for collection_id in set(current.values()):
         services.schedule_augment(collection_id)
     return len(alive)
 
@@ -262,12 +266,12 @@ def reindex_batch(*, version_key: str, limit: int, skip: set[int] | None = None)
         vectors = recipe.embed([item.picture for item in good if item.picture is not None]).vectors
         with transaction.atomic():
             # Only images still there and ready get a vector (one deleted meanwhile has no row to point at).
-            alive = set(Image.objects.select_for_update().filter(
+            current = dict(Image.objects.select_for_update().filter(
                 pk__in=[item.job.image_id for item in good], status=ImageStatus.READY
-            ).values_list("pk", flat=True))
-            embeddings.embeddings_store(version=version, rows=[
-                embeddings.VectorRow(item.job.image_id, item.job.collection_id, v, v)
-                for item, v in zip(good, vectors, strict=True) if item.job.image_id in alive
+            ).values_list("pk", "collection_id"))
+            embeddings.embeddings_store(version=version, rows=[  # each image's collection now (see store)
+                embeddings.VectorRow(item.job.image_id, current[item.job.image_id], v, v)
+                for item, v in zip(good, vectors, strict=True) if item.job.image_id in current
             ])
     for item in decoded:
         if item.error:

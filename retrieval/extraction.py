@@ -123,6 +123,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _by_shape(inputs: Sequence[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
+    """Indices of the inputs of each shape: each group runs as one batch."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, array in enumerate(inputs):
+        groups[array.shape].append(index)
+    return groups
+
+
 class Extractor:
     """A backbone loaded once, on one device, that embeds batches of PIL images."""
 
@@ -198,9 +206,7 @@ class Extractor:
         if self.config is not None:
             return self._embed_with_config(images, self.config)
         inputs = self._inputs(images)
-        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for index, array in enumerate(inputs):
-            by_shape[array.shape].append(index)
+        by_shape = _by_shape(inputs)
         features = np.zeros((len(inputs), self.spec.embedding_dim), dtype=np.float32)
         logits: np.ndarray | None = None
         with torch.inference_mode(), self._autocast():
@@ -248,9 +254,7 @@ class Extractor:
             One (n, C) float32 array per pooling in `retrieval.pooling.POOLINGS`, rows in input order.
         """
         inputs = self._inputs(images, size=size, resize=resize)
-        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for index, array in enumerate(inputs):
-            by_shape[array.shape].append(index)
+        by_shape = _by_shape(inputs)
         out: dict[str, np.ndarray] = {}
         logits: np.ndarray | None = None
         with torch.inference_mode(), self._autocast():

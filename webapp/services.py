@@ -621,10 +621,9 @@ def collection_augment(*, collection_id: int, full: bool = True) -> int:
         touched = np.arange(len(ids))
     else:
         closest = refresh(fresh, find_pairs=True)
-        fresh_set = set(fresh.tolist())
         # >= with a margin: the floors came from other matrix products, equal within rounding.
-        affected = np.array([i for i in np.flatnonzero(closest >= floors - 1e-5) if i not in fresh_set],
-                            dtype=np.int64)
+        # Fresh rows have no floor (NaN), which no comparison selects.
+        affected = np.flatnonzero(closest >= floors - 1e-5)
         refresh(affected, find_pairs=False)
         duplicates.duplicates_record(collection_id=collection_id, pairs=pairs,
                                      image_ids=[image_ids[i] for i in fresh])

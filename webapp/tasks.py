@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Task, shared_task
@@ -92,8 +93,6 @@ def augment_collection(collection_id: int, first: float | None = None) -> int:
     a collection has one refresh pending at a time. Without it (an admin's curation, a message
     from before the wait existed) the refresh runs at once.
     """
-    import time
-
     from django.core.cache import cache
 
     key = services.augment_key(collection_id)

@@ -190,3 +190,34 @@ def test_the_reconciler_gives_up_on_an_image_whose_worker_died_every_time(owner,
     assert doomed.status == ImageStatus.FAILED and doomed.processed_at is not None
     assert doomed.error.startswith(f"Gave up after {settings.EMBED_MAX_ATTEMPTS} attempts")
     assert again.status == ImageStatus.PENDING
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_vector_write_on_a_lost_connection_raises_an_error_the_tasks_retry(owner) -> None:
+    """Vector writes use psycopg's own cursor; its errors must still come out as django.db's."""
+    from django.db import connection
+
+    from tests.factories import CollectionFactory, ImageFactory, default_version, unit_vector
+    from webapp.embeddings import VectorRow, embeddings_store
+    from webapp.tasks import TRANSIENT_ERRORS
+
+    version = default_version()
+    image = ImageFactory(collection=CollectionFactory(owner=owner), uploaded_by=owner, status=ImageStatus.PROCESSING)
+    row = VectorRow(image_id=image.pk, collection_id=image.collection_id, vector=unit_vector(1),
+                    augmented=unit_vector(1))
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    other = connection.copy()
+    try:
+        with other.cursor() as cursor:  # as a database restart or an idle timeout would
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    finally:
+        other.close()
+
+    with pytest.raises(TRANSIENT_ERRORS):
+        embeddings_store(version=version, rows=[row])
+    connection.close_if_unusable_or_obsolete()  # what Django does after each request and task
+
+    assert embeddings_store(version=version, rows=[row]) == 1  # on a fresh connection
+    assert Embedding.objects.filter(image=image, model_version=version).count() == 1

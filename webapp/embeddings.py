@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,12 +131,19 @@ def register_vector_types() -> None:
         raw._simili_vectors = True  # type: ignore[union-attr]
 
 
-def binary_cursor() -> psycopg.Cursor[Any]:
+@contextmanager
+def binary_cursor() -> Iterator[psycopg.Cursor[Any]]:
     """A server-side-binding cursor on Django's connection (same transaction): Django's own
-    cursors bind on the client side, which cannot send or receive pgvector's binary format."""
-    connection.ensure_connection()
-    register_vector_types()
-    return psycopg.Cursor(connection.connection)
+    cursors bind on the client side, which cannot send or receive pgvector's binary format.
+
+    Its errors come out as django.db's (OperationalError, IntegrityError, ...), as a Django
+    cursor's do: the tasks retry those, and Django closes a connection that raised one.
+    """
+    with connection.wrap_database_errors:
+        connection.ensure_connection()
+        register_vector_types()
+        with psycopg.Cursor(connection.connection) as cursor:
+            yield cursor
 
 
 def embeddings_store(*, version: EmbeddingModel, rows: Sequence[VectorRow]) -> int:

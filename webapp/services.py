@@ -567,8 +567,7 @@ def collection_augment(*, collection_id: int, full: bool = True) -> int:
     version = EmbeddingModel.objects.filter(is_active=True).first()
     if version is None:
         return 0
-    # Django's wrapper turns psycopg's errors into django.db's, which the task retries.
-    with connection.wrap_database_errors, binary_cursor() as cursor:
+    with binary_cursor() as cursor:
         cursor.execute(
             """SELECT id, image_id, vector, augmented, augment_floor FROM simili_embedding
                WHERE model_version_id = %s AND collection_id = %s ORDER BY image_id""",
@@ -637,7 +636,7 @@ def collection_augment(*, collection_id: int, full: bool = True) -> int:
 
         # One commit, pipelined statements. A row moved to another collection since it was read
         # keeps what the move gave it: this collection's neighbours are not its neighbours.
-        with transaction.atomic(), connection.wrap_database_errors, binary_cursor() as cursor:
+        with transaction.atomic(), binary_cursor() as cursor:
             # ... and a row re-embedded meanwhile (its floor reset) stays fresh for the next refresh.
             cursor.executemany(
                 """UPDATE simili_embedding SET augmented = %b, augment_floor = %s

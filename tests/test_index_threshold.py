@@ -6,17 +6,21 @@ HNSW_INDEX_MIN_ROWS vectors an exact scan answers as fast (docs/search.md#the-in
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connection
 from django.urls import reverse
 
 from tests.factories import CollectionFactory, ImageFactory, default_version, embed, half, unit_vector
-from webapp import embeddings
+from webapp import embeddings, vector_index
 from webapp import similarity as sim
-from webapp.models import EmbeddingModel, Image, ImageStatus
+from webapp.models import Embedding, EmbeddingModel, Image, ImageStatus
 
 
 @pytest.mark.django_db(transaction=True)  # as a worker does: the build follows committed vectors
@@ -116,3 +120,121 @@ def test_the_worker_builds_the_index_once_uploads_reach_the_threshold(
     finally:
         celery_worker_process.stop()
         celery_worker_process.start()
+
+
+@contextmanager
+def _writer_mid_transaction(version: EmbeddingModel) -> Iterator[None]:
+    """Another session that has written to the vector table and not committed yet (a worker's batch)."""
+    other = connection.copy()
+    other.ensure_connection()
+    raw = other.connection
+    try:
+        raw.autocommit = False
+        raw.execute("UPDATE simili_embedding SET augment_floor = NULL WHERE model_version_id = %s", [version.pk])
+        yield
+        raw.commit()
+    finally:
+        other.close()
+
+
+def _build_in_thread(version: EmbeddingModel, errors: list[Exception]) -> threading.Thread:
+    def build() -> None:
+        try:
+            embeddings.embedding_index_build(version=version)
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    return thread
+
+
+def _building_backend() -> int:
+    """The pid of the session building an index, once it waits for the writer to finish."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE query ILIKE 'CREATE INDEX%%' "
+                           "AND wait_event_type = 'Lock'")
+            row = cursor.fetchone()
+        if row:
+            return int(row[0])
+        time.sleep(0.05)
+    raise AssertionError("no index build waited for the open transaction")
+
+
+@pytest.mark.django_db(transaction=True)  # the build runs in its own session, as a worker's does
+def test_uploads_keep_writing_vectors_while_a_new_versions_index_is_built() -> None:
+    """A re-indexed version's build (10 minutes at a million rows) must not hold up uploads."""
+    active = default_version()
+    new = EmbeddingModel.objects.create(key="other@1", backbone="other", dimensions=1280)
+    image, upload = ImageFactory(status=ImageStatus.READY), ImageFactory(status=ImageStatus.PROCESSING)
+    embed(image, unit_vector(1), new)
+    errors: list[Exception] = []
+    with _writer_mid_transaction(new):
+        builder = _build_in_thread(new, errors)
+        _building_backend()
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '3s'")  # a blocked write fails here instead of hanging
+        try:
+            started = time.monotonic()
+            embed(upload, unit_vector(2), active)  # the worker storing a fresh upload's vector
+            waited = time.monotonic() - started
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+    builder.join(60)
+    assert errors == []
+    assert waited < 1.0
+    assert Embedding.objects.filter(image=upload, model_version=active).exists()
+    assert embeddings.embedding_index_exists(version=new)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_index_left_invalid_by_a_failed_build_is_not_searched_and_is_built_again(admin_user) -> None:
+    default_version()
+    version = EmbeddingModel.objects.create(key="other@1", backbone="other", dimensions=1280)
+    images = [ImageFactory(status=ImageStatus.READY) for _ in range(3)]
+    for seed, image in enumerate(images):
+        embed(image, unit_vector(seed), version)
+    errors: list[Exception] = []
+    with _writer_mid_transaction(version):
+        builder = _build_in_thread(version, errors)
+        with connection.cursor() as cursor:  # as an admin's pg_cancel_backend or a killed worker would
+            cursor.execute("SELECT pg_cancel_backend(%s)", [_building_backend()])
+        builder.join(30)
+    assert len(errors) == 1  # the build's error reaches its caller
+
+    with connection.cursor() as cursor:
+        assert vector_index.state(cursor, version_id=version.pk) == "invalid"
+    assert not embeddings.embedding_index_ready(version=version)
+    scope = sim.search_scope(version=version, viewer=admin_user)
+    assert sim.choose_plan(scope) == "exact"  # PostgreSQL would not walk an invalid index anyway
+
+    assert embeddings.embedding_index_build(version=version)
+    assert embeddings.embedding_index_exists(version=version)
+    assert sim.choose_plan(scope) == "hnsw"
+    results = sim.vector_similar(vector=unit_vector(0), version=version, viewer=admin_user, k=1, expand=0)
+    assert [r.image.pk for r in results] == [images[0].pk]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_activation_is_refused_while_another_process_builds_the_versions_index() -> None:
+    default_version()
+    new = EmbeddingModel.objects.create(key="other@1", backbone="other", dimensions=1280)
+    embed(ImageFactory(status=ImageStatus.READY), unit_vector(1), new)
+    other = connection.copy()  # a bulk worker finishing the re-index holds the build lock
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s, %s)", [embeddings.INDEX_BUILD_LOCK, new.pk])
+        with pytest.raises(ValueError, match="is being built"):
+            embeddings.embedding_model_activate(version=new)
+        new.refresh_from_db()
+        assert not new.is_active
+    finally:
+        other.close()
+    embeddings.embedding_model_activate(version=new)  # once the build is over
+    new.refresh_from_db()
+    assert new.is_active and embeddings.embedding_index_exists(version=new)

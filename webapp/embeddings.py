@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,7 +14,7 @@ from typing import Any
 import numpy as np
 import psycopg
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 
 from webapp import vector_index
 from webapp.models import Embedding, EmbeddingModel, Image, ImageStatus
@@ -56,7 +59,7 @@ def embedding_model_ensure(*, key: str, backbone: str, dimensions: int) -> Embed
         except IntegrityError:
             pass  # another worker activated a version first
     if version.is_active:
-        embedding_index_build(version=version, when_due=True)
+        embedding_index_build(version=version, when_due=True, wait=False)  # another process may build it
     return version
 
 
@@ -68,42 +71,78 @@ INDEX_BUILD_LOCK = 5_140_001
 _INDEXED: set[int] = set()
 
 
-def embedding_index_build(*, version: EmbeddingModel, when_due: bool = False) -> None:
-    """Build the version's HNSW index if it has none (idempotent; quick when it exists).
+def embedding_index_build(*, version: EmbeddingModel, when_due: bool = False, wait: bool = True) -> bool:
+    """Build the version's HNSW index if it has none (idempotent; quick when it exists); return
+    whether it is ready.
 
     With `when_due`, only once the version holds HNSW_INDEX_MIN_ROWS vectors: until then its
     searches scan exactly (`embedding_index_ready`), and uploads do not grow a graph one insert
-    at a time. The build blocks writes to the table while it runs (about 7 s at 10,000 rows).
+    at a time. Outside a transaction the build runs concurrently: uploads, deletions and
+    refreshes keep writing to the vector table while it runs (a plain build blocked them all,
+    for 10 minutes at a million rows). One process builds at a time; with `wait` False another
+    caller returns at once (False) instead of waiting for it.
     """
     if version.pk in _INDEXED:
-        return
+        return True
     if when_due:
         with connection.cursor() as cursor:
             if not vector_index.rows_reach(cursor, version_id=version.pk, rows=settings.HNSW_INDEX_MIN_ROWS):
-                return
+                return False
+    build = functools.partial(
+        vector_index.build, version_id=version.pk, dimensions=version.dimensions, m=settings.HNSW_M,
+        ef_construction=settings.HNSW_EF_CONSTRUCTION, memory=settings.HNSW_BUILD_MEMORY,
+    )
+    if connection.in_atomic_block:
+        # Inside a transaction (a migration, a test's): CONCURRENTLY cannot run there, so a plain
+        # build, which holds writes to the table until the transaction ends.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [INDEX_BUILD_LOCK, int(version.pk)])
+            if not vector_index.exists(cursor, version_id=version.pk):
+                build(cursor)
+                logger.info("built the HNSW index of %s", version.key)
+    else:
+        with connection.cursor() as cursor:
+            # A session lock, polled: a caller blocked in pg_advisory_lock would hold a snapshot
+            # that CREATE INDEX CONCURRENTLY waits for, while it waits for the builder's lock.
+            while not _index_lock_try(cursor, version.pk):
+                if not wait:
+                    return False
+                time.sleep(INDEX_LOCK_POLL)
+            try:
+                found = vector_index.state(cursor, version_id=version.pk)
+                if found == "invalid":  # a build that failed or was killed: nobody else is building
+                    logger.warning("dropping the invalid HNSW index of %s left by a failed build", version.key)
+                    vector_index.drop(cursor, version_id=version.pk, concurrently=True)
+                if found != "valid":
+                    build(cursor, concurrently=True)
+                    logger.info("built the HNSW index of %s", version.key)
+            finally:
+                with contextlib.suppress(DatabaseError):  # a lost connection took its lock with it
+                    cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [INDEX_BUILD_LOCK, int(version.pk)])
+    if version.is_active:
+        _INDEXED.add(version.pk)
+    return True
+
+
+#: Seconds between tries for the build lock while another process builds the index.
+INDEX_LOCK_POLL = 0.5
+
+
+def _index_lock_try(cursor: Any, version_id: int) -> bool:
     # One builder at a time: two bulk workers storing their first batches on a fresh database
     # both found no index, and one CREATE INDEX IF NOT EXISTS failed on the catalog's unique
     # name ("pg_class_relname_nsp_index"), leaving its batch in `processing` for the reconciler.
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [INDEX_BUILD_LOCK, int(version.pk)])
-        if vector_index.exists(cursor, version_id=version.pk):
-            if version.is_active:
-                _INDEXED.add(version.pk)
-            return
-        vector_index.build(
-            cursor, version_id=version.pk, dimensions=version.dimensions, m=settings.HNSW_M,
-            ef_construction=settings.HNSW_EF_CONSTRUCTION, memory=settings.HNSW_BUILD_MEMORY,
-        )
-    if version.is_active:
-        _INDEXED.add(version.pk)
-    logger.info("built the HNSW index of %s", version.key)
+    cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", [INDEX_BUILD_LOCK, int(version_id)])
+    return bool(cursor.fetchone()[0])
 
 
 def embedding_index_drop(*, version: EmbeddingModel) -> None:
     """Drop the version's HNSW index (to rebuild it after a bulk load, or with the version)."""
     _INDEXED.discard(version.pk)
     with connection.cursor() as cursor:
-        vector_index.drop(cursor, version_id=version.pk)
+        # Outside a transaction without the table lock a plain DROP INDEX takes (and queues
+        # every search and write behind it while it waits for running ones).
+        vector_index.drop(cursor, version_id=version.pk, concurrently=not connection.in_atomic_block)
 
 
 def embedding_index_exists(*, version: EmbeddingModel) -> bool:
@@ -185,7 +224,8 @@ def embedding_model_activate(*, version: EmbeddingModel) -> None:
     """Make `version` the one searches use, at once for every query, once it covers every image.
 
     Its index is built first, so the switch never lands on a version without one. Raises
-    ValueError while some ready image has no vector of this version.
+    ValueError while some ready image has no vector of this version, or while another process
+    builds its index (minutes at a million rows: not a wait for an admin's request).
     """
     from webapp.models import Collection
     from webapp.services import schedule_augment
@@ -193,7 +233,8 @@ def embedding_model_activate(*, version: EmbeddingModel) -> None:
     covered, total = embedding_model_coverage(version=version)
     if covered < total:
         raise ValueError(f"version {version.key} covers {covered} of {total} ready images; re-index first")
-    embedding_index_build(version=version)
+    if not embedding_index_build(version=version, wait=False):
+        raise ValueError(f"the index of version {version.key} is being built; activate it once that is done")
     with transaction.atomic():
         EmbeddingModel.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
         EmbeddingModel.objects.filter(pk=version.pk).update(is_active=True)
@@ -257,8 +298,6 @@ def embedding_model_reindex_step(*, version_id: int, skip: Sequence[int] = ()) -
     The worker embeds with its configured recipe, so it refuses a version that is not that
     recipe, and says so on the version's row.
     """
-    import time
-
     from webapp import ingest, pipeline
 
     version = EmbeddingModel.objects.filter(pk=version_id).first()

@@ -181,7 +181,7 @@ def store(decoded: Sequence[Decoded], recipe: pipeline.Recipe, *, augment_each: 
         services.delete_unreferenced(thumbnails[image_id])
     if version.is_active:  # the batch that brings the version to HNSW_INDEX_MIN_ROWS builds its index
         try:
-            embeddings.embedding_index_build(version=version, when_due=True)
+            embeddings.embedding_index_build(version=version, when_due=True, wait=False)
         except Exception:  # noqa: BLE001 - the batch is stored and ready; the next one tries again
             logger.warning("could not build the HNSW index of %s; searches scan exactly meanwhile", version.key,
                            exc_info=True)

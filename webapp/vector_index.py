@@ -17,15 +17,20 @@ def search_expression(dimensions: int) -> str:
     return f"augmented::halfvec({int(dimensions)})"
 
 
-def build(cursor: Any, *, version_id: int, dimensions: int, m: int, ef_construction: int, memory: str) -> None:
-    """Create the version's partial HNSW cosine index unless it exists (a build, not inserts)."""
+def build(cursor: Any, *, version_id: int, dimensions: int, m: int, ef_construction: int, memory: str,
+          concurrently: bool = False) -> None:
+    """Create the version's partial HNSW cosine index unless it exists (a build, not inserts).
+
+    `concurrently` builds without blocking writes to the table (CREATE INDEX CONCURRENTLY:
+    outside a transaction only, and a failure leaves an invalid index to drop before a retry).
+    """
     # SET LOCAL would end with a surrounding transaction; outside one it must not leak into the
     # pooled connection, so reset afterwards.
     cursor.execute(f"SET maintenance_work_mem = '{memory}'")
     try:
         cursor.execute(
-            f"CREATE INDEX IF NOT EXISTS {index_name(version_id)} ON simili_embedding "
-            f"USING hnsw (({search_expression(dimensions)}) halfvec_cosine_ops) "
+            f"CREATE INDEX {'CONCURRENTLY ' if concurrently else ''}IF NOT EXISTS {index_name(version_id)} "
+            f"ON simili_embedding USING hnsw (({search_expression(dimensions)}) halfvec_cosine_ops) "
             f"WITH (m = {int(m)}, ef_construction = {int(ef_construction)}) "
             # The same integer literal the similarity query inlines: a bound bigint parameter
             # would keep the planner from proving this predicate.
@@ -35,14 +40,22 @@ def build(cursor: Any, *, version_id: int, dimensions: int, m: int, ef_construct
         cursor.execute("RESET maintenance_work_mem")
 
 
-def drop(cursor: Any, *, version_id: int) -> None:
-    cursor.execute(f"DROP INDEX IF EXISTS {index_name(version_id)}")
+def drop(cursor: Any, *, version_id: int, concurrently: bool = False) -> None:
+    cursor.execute(f"DROP INDEX {'CONCURRENTLY ' if concurrently else ''}IF EXISTS {index_name(version_id)}")
+
+
+def state(cursor: Any, *, version_id: int) -> str:
+    """Return "valid", "invalid" (a concurrent build under way, or one that failed) or "absent"."""
+    # to_regclass reads one catalog cache entry; searches ask this until the index is built.
+    cursor.execute("SELECT (SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)::oid)",
+                   [index_name(version_id)])
+    valid = cursor.fetchone()[0]
+    return "absent" if valid is None else "valid" if valid else "invalid"
 
 
 def exists(cursor: Any, *, version_id: int) -> bool:
-    # to_regclass reads one catalog cache entry; searches ask this until the index is built.
-    cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [index_name(version_id)])
-    return bool(cursor.fetchone()[0])
+    """Whether the version has an index that searches can use (built and valid)."""
+    return state(cursor, version_id=version_id) == "valid"
 
 
 def rows_reach(cursor: Any, *, version_id: int, rows: int) -> bool:

@@ -74,6 +74,14 @@ def test_the_health_page_says_whether_the_index_is_built(settings, admin_client_
     assert "none yet: searches scan every vector until the version holds 2" in page
     for seed in range(2):
         embed(ImageFactory(), unit_vector(seed), version)
+    other = connection.copy()  # a bulk worker building it
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s, %s)", [embeddings.INDEX_BUILD_LOCK, version.pk])
+        page = admin_client_.get(reverse("admin_health")).content.decode()
+        assert "being built (concurrently: uploads go on)" in page
+    finally:
+        other.close()
     default_version()
     page = admin_client_.get(reverse("admin_health")).content.decode()
     assert '<td id="health-index">HNSW graph</td>' in page

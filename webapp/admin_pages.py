@@ -66,6 +66,7 @@ def health(request: HttpRequest) -> HttpResponse:
         "workers": _workers(),
         "model_version": version,
         "indexed": version is not None and embeddings.embedding_index_ready(version=version),
+        "index_building": version is not None and embeddings.embedding_index_building(version=version),
         "index_min_rows": settings.HNSW_INDEX_MIN_ROWS,
         "failed": failed,
     }

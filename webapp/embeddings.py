@@ -136,6 +136,14 @@ def _index_lock_try(cursor: Any, version_id: int) -> bool:
     return bool(cursor.fetchone()[0])
 
 
+def embedding_index_building(*, version: EmbeddingModel) -> bool:
+    """Whether some process is building the version's index right now (it holds the build lock)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                       "AND classid = %s AND objid = %s AND objsubid = 2)", [INDEX_BUILD_LOCK, int(version.pk)])
+        return bool(cursor.fetchone()[0])
+
+
 def embedding_index_drop(*, version: EmbeddingModel) -> None:
     """Drop the version's HNSW index (to rebuild it after a bulk load, or with the version)."""
     _INDEXED.discard(version.pk)

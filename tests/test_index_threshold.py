@@ -246,3 +246,57 @@ def test_activation_is_refused_while_another_process_builds_the_versions_index()
     embeddings.embedding_model_activate(version=new)  # once the build is over
     new.refresh_from_db()
     assert new.is_active and embeddings.embedding_index_exists(version=new)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_index_build_or_drop_runs_at_a_time_on_the_vector_table() -> None:
+    """Two concurrent builds (or a build and a drop) on one table: PostgreSQL cancels one of them."""
+    default_version()
+    new = EmbeddingModel.objects.create(key="other@1", backbone="other", dimensions=1280)
+    old = EmbeddingModel.objects.create(key="older@1", backbone="older", dimensions=1280)
+    embed(ImageFactory(status=ImageStatus.READY), unit_vector(1), new)
+    other = connection.copy()  # a bulk worker building another version's index
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s, 0)", [embeddings.INDEX_BUILD_LOCK])
+        assert not embeddings.embedding_index_build(version=new, wait=False)
+        assert not embeddings.embedding_index_exists(version=new)
+        with pytest.raises(ValueError, match="an index is being built"):
+            embeddings.embedding_model_drop(version=old)
+        assert EmbeddingModel.objects.filter(pk=old.pk).exists()
+    finally:
+        other.close()
+    assert embeddings.embedding_index_build(version=new, wait=False)
+    assert embeddings.embedding_index_exists(version=new)
+    embeddings.embedding_model_drop(version=old)
+    assert not EmbeddingModel.objects.filter(pk=old.pk).exists()
+    with connection.cursor() as cursor:  # every lock released
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s",
+                       [embeddings.INDEX_BUILD_LOCK])
+        assert cursor.fetchone()[0] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_imports_statistics_refresh_does_not_wait_for_an_index_build() -> None:
+    """`import_folder` ends with ANALYZE; waiting on the build's table lock would get the build cancelled."""
+    from webapp import services
+
+    default_version()
+    new = EmbeddingModel.objects.create(key="other@1", backbone="other", dimensions=1280)
+    embed(ImageFactory(status=ImageStatus.READY), unit_vector(1), new)
+    errors: list[Exception] = []
+    with _writer_mid_transaction(new):
+        builder = _build_in_thread(new, errors)
+        _building_backend()
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '3s'")
+        try:
+            started = time.monotonic()
+            services.images_analyze()
+            waited = time.monotonic() - started
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+    builder.join(60)
+    assert errors == [] and waited < 1.0
+    assert embeddings.embedding_index_exists(version=new)

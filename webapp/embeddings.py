@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -59,7 +58,10 @@ def embedding_model_ensure(*, key: str, backbone: str, dimensions: int) -> Embed
         except IntegrityError:
             pass  # another worker activated a version first
     if version.is_active:
-        embedding_index_build(version=version, when_due=True, wait=False)  # another process may build it
+        try:
+            embedding_index_build(version=version, when_due=True, wait=False)  # another process may build it
+        except DatabaseError:  # the caller's batch must not fail for it: searches scan exactly meanwhile
+            logger.warning("could not build the HNSW index of %s", version.key, exc_info=True)
     return version
 
 
@@ -79,8 +81,8 @@ def embedding_index_build(*, version: EmbeddingModel, when_due: bool = False, wa
     searches scan exactly (`embedding_index_ready`), and uploads do not grow a graph one insert
     at a time. Outside a transaction the build runs concurrently: uploads, deletions and
     refreshes keep writing to the vector table while it runs (a plain build blocked them all,
-    for 10 minutes at a million rows). One process builds at a time; with `wait` False another
-    caller returns at once (False) instead of waiting for it.
+    for 10 minutes at a million rows). One build or drop runs at a time (`_index_work`); with
+    `wait` False a caller that finds one under way returns False at once.
     """
     if version.pk in _INDEXED:
         return True
@@ -88,69 +90,99 @@ def embedding_index_build(*, version: EmbeddingModel, when_due: bool = False, wa
         with connection.cursor() as cursor:
             if not vector_index.rows_reach(cursor, version_id=version.pk, rows=settings.HNSW_INDEX_MIN_ROWS):
                 return False
-    build = functools.partial(
-        vector_index.build, version_id=version.pk, dimensions=version.dimensions, m=settings.HNSW_M,
-        ef_construction=settings.HNSW_EF_CONSTRUCTION, memory=settings.HNSW_BUILD_MEMORY,
-    )
-    if connection.in_atomic_block:
-        # Inside a transaction (a migration, a test's): CONCURRENTLY cannot run there, so a plain
-        # build, which holds writes to the table until the transaction ends.
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [INDEX_BUILD_LOCK, int(version.pk)])
-            if not vector_index.exists(cursor, version_id=version.pk):
-                build(cursor)
-                logger.info("built the HNSW index of %s", version.key)
-    else:
-        with connection.cursor() as cursor:
-            # A session lock, polled: a caller blocked in pg_advisory_lock would hold a snapshot
-            # that CREATE INDEX CONCURRENTLY waits for, while it waits for the builder's lock.
-            while not _index_lock_try(cursor, version.pk):
-                if not wait:
-                    return False
-                time.sleep(INDEX_LOCK_POLL)
-            try:
-                found = vector_index.state(cursor, version_id=version.pk)
-                if found == "invalid":  # a build that failed or was killed: nobody else is building
-                    logger.warning("dropping the invalid HNSW index of %s left by a failed build", version.key)
-                    vector_index.drop(cursor, version_id=version.pk, concurrently=True)
-                if found != "valid":
-                    build(cursor, concurrently=True)
-                    logger.info("built the HNSW index of %s", version.key)
-            finally:
-                with contextlib.suppress(DatabaseError):  # a lost connection took its lock with it
-                    cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [INDEX_BUILD_LOCK, int(version.pk)])
+    concurrently = not connection.in_atomic_block  # CONCURRENTLY cannot run in a transaction (a migration's)
+    with _index_work(version.pk, wait=wait) as cursor:
+        if cursor is None:
+            return False
+        found = vector_index.state(cursor, version_id=version.pk)
+        if found == "invalid":  # left by a build that failed or was killed: none other is running
+            logger.warning("dropping the invalid HNSW index of %s left by a failed build", version.key)
+            vector_index.drop(cursor, version_id=version.pk, concurrently=concurrently)
+        if found != "valid":
+            vector_index.build(
+                cursor, version_id=version.pk, dimensions=version.dimensions, m=settings.HNSW_M,
+                ef_construction=settings.HNSW_EF_CONSTRUCTION, memory=settings.HNSW_BUILD_MEMORY,
+                concurrently=concurrently,
+            )
+            logger.info("built the HNSW index of %s", version.key)
     if version.is_active:
-        _INDEXED.add(version.pk)
+        # Remembered once it is there for every process: after the surrounding transaction, if any.
+        transaction.on_commit(functools.partial(_INDEXED.add, version.pk))
     return True
 
 
-#: Seconds between tries for the build lock while another process builds the index.
+#: Seconds between tries for the build lock while another process builds an index.
 INDEX_LOCK_POLL = 0.5
 
+#: Second key of the table-wide build lock (the per-version locks use the version's id).
+_ANY_VERSION = 0
 
-def _index_lock_try(cursor: Any, version_id: int) -> bool:
-    # One builder at a time: two bulk workers storing their first batches on a fresh database
-    # both found no index, and one CREATE INDEX IF NOT EXISTS failed on the catalog's unique
-    # name ("pg_class_relname_nsp_index"), leaving its batch in `processing` for the reconciler.
-    cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", [INDEX_BUILD_LOCK, int(version_id)])
-    return bool(cursor.fetchone()[0])
+
+@contextmanager
+def _index_work(version_id: int, *, wait: bool) -> Iterator[Any]:
+    """Hold the locks for building or dropping a version's index; yield a cursor, or None if
+    `wait` is False and another process holds them.
+
+    One such statement on the table at a time (a table-wide lock), and per version for the
+    health page to see (`embedding_index_building`). A concurrent build takes a table lock that
+    another concurrent build or drop waits for, while the first waits, at its end, for the
+    second's snapshot: PostgreSQL then cancels one of them, most likely the build of minutes.
+    Two bulk workers building at once also failed on the catalog's unique name. The locks are
+    tried and polled, never waited on, for the same reason: a session blocked on one would hold
+    a snapshot that the build waits for.
+    """
+    keys = [(INDEX_BUILD_LOCK, _ANY_VERSION), (INDEX_BUILD_LOCK, int(version_id))]
+    with connection.cursor() as cursor:
+        if connection.in_atomic_block:  # released with the transaction
+            cursor.execute("SELECT pg_try_advisory_xact_lock(%s, %s) AND pg_try_advisory_xact_lock(%s, %s)",
+                           [*keys[0], *keys[1]])
+            yield cursor if cursor.fetchone()[0] else None
+            return
+        while True:
+            cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", list(keys[0]))
+            if cursor.fetchone()[0]:
+                cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", list(keys[1]))
+                if cursor.fetchone()[0]:
+                    break
+                cursor.execute("SELECT pg_advisory_unlock(%s, %s)", list(keys[0]))
+            if not wait:
+                yield None
+                return
+            time.sleep(INDEX_LOCK_POLL)
+        try:
+            yield cursor
+        finally:
+            try:
+                cursor.execute("SELECT pg_advisory_unlock(%s, %s) AND pg_advisory_unlock(%s, %s)",
+                               [*keys[1], *keys[0]])
+                released = bool(cursor.fetchone()[0])
+            except DatabaseError:
+                released = False
+            if not released:  # session locks would outlive this call on a persistent connection
+                connection.close()
 
 
 def embedding_index_building(*, version: EmbeddingModel) -> bool:
-    """Whether some process is building the version's index right now (it holds the build lock)."""
+    """Whether some process is building (or dropping) the version's index right now."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                       "AND classid = %s AND objid = %s AND objsubid = 2)", [INDEX_BUILD_LOCK, int(version.pk)])
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s "
+            "AND objid = %s AND objsubid = 2 AND database = (SELECT oid FROM pg_database "
+            "WHERE datname = current_database()))", [INDEX_BUILD_LOCK, int(version.pk)])
         return bool(cursor.fetchone()[0])
 
 
-def embedding_index_drop(*, version: EmbeddingModel) -> None:
-    """Drop the version's HNSW index (to rebuild it after a bulk load, or with the version)."""
+def embedding_index_drop(*, version: EmbeddingModel, wait: bool = True) -> bool:
+    """Drop the version's HNSW index (to rebuild it after a bulk load, or with the version);
+    False, with nothing done, if `wait` is False and an index is being built or dropped."""
     _INDEXED.discard(version.pk)
-    with connection.cursor() as cursor:
+    with _index_work(version.pk, wait=wait) as cursor:
+        if cursor is None:
+            return False
         # Outside a transaction without the table lock a plain DROP INDEX takes (and queues
         # every search and write behind it while it waits for running ones).
         vector_index.drop(cursor, version_id=version.pk, concurrently=not connection.in_atomic_block)
+    return True
 
 
 def embedding_index_exists(*, version: EmbeddingModel) -> bool:
@@ -266,7 +298,8 @@ def embedding_model_drop(*, version: EmbeddingModel) -> int:
     version.refresh_from_db()
     if version.is_active:
         raise ValueError(f"{version.key} is the active version; activate another one before dropping it")
-    embedding_index_drop(version=version)
+    if not embedding_index_drop(version=version, wait=False):
+        raise ValueError(f"an index is being built; drop {version.key} once that is done")
     removed = 0
     while True:
         ids = list(Embedding.objects.filter(model_version=version).values_list("pk", flat=True)[:DROP_BATCH])

@@ -837,7 +837,9 @@ def images_analyze() -> None:
     """
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE simili_image")
-        cursor.execute("ANALYZE simili_embedding")
+        # Skipped while an index is built concurrently (autovacuum analyzes it later): waiting
+        # for the build's table lock would hold a snapshot the build waits for at its end.
+        cursor.execute("ANALYZE (SKIP_LOCKED) simili_embedding")
 
 
 #: Batch tasks queued at once: each keeps claiming batches until nothing is pending, so a few

@@ -300,3 +300,35 @@ def test_an_imports_statistics_refresh_does_not_wait_for_an_index_build() -> Non
     builder.join(60)
     assert errors == [] and waited < 1.0
     assert embeddings.embedding_index_exists(version=new)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.worker
+def test_an_upload_becomes_searchable_while_a_new_versions_index_is_built(
+    celery_worker_process, owner_client, photos
+) -> None:
+    """The user's view of the concurrent build: the worker stores the upload's vector meanwhile."""
+    created = owner_client.post(reverse("collection_create"), {"name": "During a switch", "visibility": "public"})
+    key = created["Location"].strip("/").split("/")[-1]
+    active = default_version()
+    new = EmbeddingModel.objects.create(key="other@1", backbone="other", dimensions=1280)
+    embed(ImageFactory(status=ImageStatus.READY), unit_vector(1), new)  # the re-index's vectors
+    errors: list[Exception] = []
+    with _writer_mid_transaction(new):  # the build waits for it: it stays under way while we upload
+        builder = _build_in_thread(new, errors)
+        _building_backend()
+        name = "chelsea.jpg"
+        response = owner_client.post(reverse("collection_upload", args=[key]),
+                                     {"files": [SimpleUploadedFile(name, photos[name])]},
+                                     HTTP_ACCEPT="application/json")
+        assert response.status_code == 202
+        image = Image.objects.get(original_name=name)
+        deadline = time.monotonic() + 60
+        while not Embedding.objects.filter(image=image, model_version=active).exists():
+            assert time.monotonic() < deadline, "the upload's vector waited for the index build"
+            time.sleep(0.1)
+        image.refresh_from_db()
+        assert image.status == ImageStatus.READY
+        assert builder.is_alive()  # the build was still under way the whole time
+    builder.join(60)
+    assert errors == [] and embeddings.embedding_index_exists(version=new)

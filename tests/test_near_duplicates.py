@@ -191,3 +191,32 @@ def test_more_copies_than_the_margin_still_leave_k_results(owner, anonymous_clie
         assert searches == [similarity.QE_POOL_FACTOR * wanted]  # an exact scan's pool: copies and spares
     else:
         assert searches == [wanted, 5 * similarity.COLLAPSE_RETRY_FACTOR + similarity.COLLAPSE_MARGIN]
+
+
+def test_a_refresh_that_read_an_image_before_it_moved_does_not_pair_it_again(shop, owner_client, outsider) -> None:
+    """An admin moves a copy into another user's private collection while a refresh of this one runs."""
+    from webapp import curation, duplicates
+
+    collection, images = shop
+    pairs = [(p.first_id, p.second_id, p.distance) for p in NearDuplicate.objects.filter(collection=collection)]
+    elsewhere = CollectionFactory(owner=outsider, visibility=Visibility.PRIVATE)
+    curation.images_move(image_ids=[images["copy-a"].pk], target=elsewhere)
+
+    duplicates.duplicates_record(collection_id=collection.pk, pairs=pairs)  # as the refresh read them
+
+    assert _pairs(collection) == {frozenset(("photo.jpg", "copy-b.jpg"))}
+    page = owner_client.get(reverse("collection_duplicates", args=[collection.key])).content.decode()
+    assert images["copy-a"].key not in page and "copy-a.jpg" not in page
+
+
+def test_a_pair_whose_image_left_the_collection_is_neither_shown_nor_deleted(shop, owner_client, outsider) -> None:
+    """Pairs recorded before that check: the review leaves the other collection's image alone."""
+    collection, images = shop
+    elsewhere = CollectionFactory(owner=outsider, visibility=Visibility.PRIVATE)
+    Image.objects.filter(pk=images["copy-a"].pk).update(collection=elsewhere)  # its pair row left behind
+
+    page = owner_client.get(reverse("collection_duplicates", args=[collection.key])).content.decode()
+    assert images["copy-a"].key not in page and "copy-a.jpg" not in page
+    owner_client.post(reverse("collection_duplicates_keep", args=[collection.key]), {"image": images["photo"].key})
+    assert Image.objects.filter(pk=images["copy-a"].pk, collection=elsewhere).exists()
+    assert not Image.objects.filter(pk=images["copy-b"].pk).exists()  # the real copy went

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -50,6 +50,17 @@ def duplicates_record(*, collection_id: int, pairs: Sequence[Pair], image_ids: S
     """
     found = {(a, b): distance for a, b, distance in pairs}
     with transaction.atomic():
+        if found:
+            # Only images in the collection now: a refresh reads its rows before it records, and
+            # an image moved out meanwhile (its pairs deleted by the move) must not come back
+            # into this collection's review. FOR SHARE makes a move wait for this commit (then
+            # it deletes the pair), or this statement wait for the move's (then it skips it).
+            ids = sorted({image_id for pair in found for image_id in pair})
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT id FROM simili_image WHERE id = ANY(%s) AND collection_id = %s FOR SHARE",
+                               [ids, collection_id])
+                here = {row[0] for row in cursor.fetchall()}
+            found = {pair: d for pair, d in found.items() if pair[0] in here and pair[1] in here}
         open_pairs = NearDuplicate.objects.filter(collection_id=collection_id, status=NearDuplicate.Status.OPEN)
         if image_ids is not None:
             open_pairs = open_pairs.filter(Q(first_id__in=image_ids) | Q(second_id__in=image_ids))
@@ -74,7 +85,9 @@ class DuplicateGroup:
 def duplicate_groups(*, collection: Collection) -> list[DuplicateGroup]:
     """Return the collection's groups of near-duplicates still to review, closest first."""
     pairs = list(
-        NearDuplicate.objects.filter(collection=collection, status=NearDuplicate.Status.OPEN)
+        # Both images in the collection: a pair never shows an image that has left it.
+        NearDuplicate.objects.filter(collection=collection, status=NearDuplicate.Status.OPEN,
+                                     first__collection=collection, second__collection=collection)
         .select_related("first", "second").order_by("distance", "id")
     )
     parent: dict[int, int] = {}
@@ -98,7 +111,8 @@ def duplicate_groups(*, collection: Collection) -> list[DuplicateGroup]:
 
 
 def duplicate_pair(*, collection: Collection, pair_id: int) -> NearDuplicate | None:
-    return NearDuplicate.objects.filter(collection=collection, pk=pair_id).first()
+    return NearDuplicate.objects.filter(collection=collection, pk=pair_id, first__collection=collection,
+                                        second__collection=collection).first()
 
 
 def duplicate_dismiss(*, pair: NearDuplicate, reviewer: object) -> None:
@@ -117,12 +131,13 @@ def duplicate_keep(*, collection: Collection, keep: Image) -> list[Image]:
     if group is None:
         return []
     # Only images linked by an open pair are in the group; dismissed pairs never join one.
-    removed = [image for image in group.images if image.pk != keep.pk]
+    removed = [image for image in group.images if image.pk != keep.pk and image.collection_id == collection.pk]
     for image in removed:
         services.image_delete(image=image)
     return removed
 
 
 def open_duplicate_count(*, collection: Collection) -> int:
-    return NearDuplicate.objects.filter(collection=collection, status=NearDuplicate.Status.OPEN).count()
+    return NearDuplicate.objects.filter(collection=collection, status=NearDuplicate.Status.OPEN,
+                                        first__collection=collection, second__collection=collection).count()
 

@@ -145,7 +145,16 @@ def test_the_embed_page_of_a_private_or_unlisted_image_leaks_nothing(client, own
     response = client.get(reverse("embed_similar", args=[unlisted.key]))
     assert response.status_code == 200
     assert response["Content-Security-Policy"] == "frame-ancestors 'none'"
-    assert response["Cache-Control"] == "no-store"
+    assert response["Cache-Control"] == "private, no-store"
+
+
+@pytest.mark.django_db
+def test_a_signed_in_viewers_widget_is_never_shareable_by_caches(client, owner) -> None:
+    """Their similar images may be private ones: a cache ignoring `Vary: Cookie` must not keep it."""
+    public = ImageFactory(collection=CollectionFactory(owner=owner, visibility=Visibility.PUBLIC))
+    assert client.get(reverse("embed_similar", args=[public.key]))["Cache-Control"] == "public, no-cache"
+    client.force_login(owner)
+    assert client.get(reverse("embed_similar", args=[public.key]))["Cache-Control"] == "private, no-store"
 
 
 def test_a_key_never_starts_with_a_dash_so_a_command_line_can_take_it(monkeypatch) -> None:

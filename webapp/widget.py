@@ -31,5 +31,8 @@ def embed_similar(request: HttpRequest, key: str) -> HttpResponse:
     else:
         ancestors = " ".join(sorted(selectors.embed_origins(collection))) or "'none'"
     response["Content-Security-Policy"] = f"frame-ancestors {ancestors}"
-    response["Cache-Control"] = "public, no-cache" if collection.visibility == Visibility.PUBLIC else "no-store"
+    # Shareable only when the results are everyone's: a signed-in viewer's list may hold their
+    # private images, and a cache that ignores `Vary: Cookie` would hand it to the next visitor.
+    shared = collection.visibility == Visibility.PUBLIC and not request.user.is_authenticated
+    response["Cache-Control"] = "public, no-cache" if shared else "private, no-store"
     return response

@@ -248,6 +248,14 @@ def test_the_gru_encoder_trains_on_a_collection_and_serves_similar_videos(owner,
     assert videos.video_representation(made[0]) == (encoder.frame_version, encoder)
     page = Client().get(reverse("video", args=[made[0].key]))
     assert {v.key for v, _ in page.context["similar_videos"]} == {made[1].key, made[2].key}
+    # Anyone may ask which representation answered: never with the training collection's key,
+    # which is all that guards an unlisted collection.
+    answer = Client().get(f"/api/v1/videos/{made[0].key}/similar").json()
+    assert answer["representation"].startswith("video-gru@") and collection.key not in answer["representation"]
+    assert collection.key not in encoder.key
+    encoder.key = f"video-gru:{collection.key}@{encoder.key.rsplit('@', 1)[-1]}"  # as encoders made before were named
+    encoder.save(update_fields=["key"])
+    assert collection.key not in Client().get(f"/api/v1/videos/{made[0].key}/similar").json()["representation"]
     # A video indexed afterwards is encoded by the worker too.
     make_clip(tmp_path / "late.mp4", ["rocket"], [2.0], seed=9)
     late = videos.video_ingest(collection=collection, uploaded_by=owner, data=(tmp_path / "late.mp4").read_bytes())

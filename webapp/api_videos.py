@@ -53,7 +53,7 @@ def videos_similar(request: HttpRequest, key: str, k: int = 6) -> Any:
     representation = videos.video_representation(video)
     encoder = representation[1] if representation else None
     results = videos.videos_similar(video=video, viewer=viewer, k=k)
-    return Status(200, {"representation": encoder.key if encoder else "mean",
+    return Status(200, {"representation": videos.encoder_public_name(encoder) if encoder else "mean",
                         "results": [{"video": v, "similarity": score} for v, score in results]})
 
 

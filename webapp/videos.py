@@ -520,6 +520,12 @@ def videos_similar(*, video: Video, viewer: Viewer, k: int = 6) -> list[tuple[Vi
 # --- the recurrent encoder ----------------------------------------------------------------------
 
 
+def encoder_public_name(encoder: VideoEncoder) -> str:
+    """The encoder's name as the API shows it: never the training collection's key, which
+    encoders made before it was left out of their keys still hold ("video-gru:<key>@...")."""
+    return f"video-gru@{encoder.key.rsplit('@', 1)[-1]}"
+
+
 def encoder_current(*, version: EmbeddingModel) -> VideoEncoder | None:
     """Return the newest encoder trained on this image version's frame vectors, if any."""
     return VideoEncoder.objects.filter(frame_version=version).order_by("-created_at", "-id").first()
@@ -588,7 +594,9 @@ def encoder_train(
     )
     # Named by the weights and a random suffix: never the name of an encoder that exists or existed.
     suffix = f"{model.identifier}-{secrets.token_hex(4)}"
-    key = f"video-gru:{collection.key}@{suffix}"[:200]
+    # Not the collection's key: the API names the encoder to anyone who asks for similar
+    # videos, and an unlisted collection's key is its only protection.
+    key = f"video-gru@{suffix}"[:200]
     path = Path(settings.VAR_DIR) / "video-encoders" / f"{collection.key}-{suffix}.pt"
     video_encoder.save(model, path, metadata={"collection": collection.key, "frame_version": version.key})
     encoder = VideoEncoder.objects.create(

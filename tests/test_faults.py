@@ -192,6 +192,36 @@ def test_the_reconciler_gives_up_on_an_image_whose_worker_died_every_time(owner,
     assert again.status == ImageStatus.PENDING
 
 
+@pytest.mark.django_db
+def test_the_reconciler_leaves_alone_an_image_a_worker_finished_after_it_looked(owner, settings, monkeypatch) -> None:
+    """The reconciler reads stale rows, then updates them: a worker may finish one in between."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tests.factories import CollectionFactory, ImageFactory
+    from webapp import services
+
+    collection = CollectionFactory(owner=owner)
+    long_ago = timezone.now() - timedelta(seconds=settings.RECONCILE_PROCESSING_AFTER + 60)
+    slow, stuck = ImageFactory(collection=collection), ImageFactory(collection=collection)
+    Image.objects.filter(pk__in=[slow.pk, stuck.pk]).update(status=ImageStatus.PROCESSING, attempts=1,
+                                                            updated_at=long_ago)
+    read = services._stale_ids
+
+    def read_then_the_worker_finishes(stale):
+        ids = read(stale)
+        Image.objects.filter(pk=slow.pk).update(status=ImageStatus.READY, updated_at=timezone.now())
+        return ids
+
+    monkeypatch.setattr(services, "_stale_ids", read_then_the_worker_finishes)
+    assert services.images_requeue_stale() == 1
+    slow.refresh_from_db()
+    stuck.refresh_from_db()
+    assert slow.status == ImageStatus.READY  # not pending again: it stays searchable, embedded once
+    assert stuck.status == ImageStatus.PENDING
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_vector_write_on_a_lost_connection_raises_an_error_the_tasks_retry(owner) -> None:
     """Vector writes use psycopg's own cursor; its errors must still come out as django.db's."""

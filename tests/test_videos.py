@@ -569,3 +569,33 @@ def test_indexing_a_video_stores_again_the_shared_frames_a_deletion_removed_mean
     frames = list(VideoFrame.objects.filter(video=new).values_list("thumbnail_path", flat=True))
     assert set(frames) == set(old_frames)
     assert all(storage.media_path(path).is_file() for path in [*frames, new.poster_path, new.strip_path, new.file_path])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_reconciler_leaves_a_video_to_the_worker_claiming_it(unqueued_video) -> None:
+    """A worker's claim holds the row: the reconciler skips it instead of setting it back to pending."""
+    from django.db import connection
+
+    from webapp import videos
+
+    video = unqueued_video
+    Video.objects.filter(pk=video.pk).update(enqueued_at=None)  # never handed over: stale for the reconciler
+    worker = connection.copy()
+    try:
+        with worker.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute("UPDATE simili_video SET status = 'processing', attempts = attempts + 1 WHERE id = %s",
+                           [video.pk])
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '2s'")  # waiting for the claim would mean updating it after
+        try:
+            assert videos.videos_requeue_stale() == 0
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+        with worker.cursor() as cursor:
+            cursor.execute("COMMIT")
+    finally:
+        worker.close()
+    video.refresh_from_db()
+    assert video.status == ImageStatus.PROCESSING and video.attempts == 1

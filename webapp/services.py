@@ -16,6 +16,7 @@ import numpy as np
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, connection, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from retrieval import imaging
@@ -197,20 +198,30 @@ def images_requeue_stale() -> int:
         error=f"Gave up after {settings.EMBED_MAX_ATTEMPTS} attempts: the worker died each time "
         "(the image may be too large for its memory).",
     )
-    retry = list(stale.filter(attempts__lt=settings.EMBED_MAX_ATTEMPTS).values_list("pk", flat=True)[:10_000])
+    retry = _stale_ids(stale.filter(attempts__lt=settings.EMBED_MAX_ATTEMPTS))
     if not retry:
         return 0
     # Pending again, stamped and on the bulk lane: batch tasks claim any pending bulk image, so
     # one task per batch, and an upload whose interactive message was lost is picked up too.
-    Image.objects.filter(pk__in=retry).update(status=ImageStatus.PENDING, enqueued_at=now, lane=Lane.BULK)
-    try:
-        enqueue_bulk_batches(count=len(retry))
-    except Exception as exc:  # noqa: BLE001 - the broker is still down; try on the next round
-        logger.warning("reconciler could not queue %s stale image(s): %s", len(retry), exc)
-        Image.objects.filter(pk__in=retry).update(enqueued_at=None)
+    # The UPDATE repeats the conditions: a row a worker claimed or finished since the read above
+    # is left alone (by id alone, a ready image went back to pending, hidden from searches, and
+    # was embedded again).
+    queued = stale.filter(pk__in=retry, attempts__lt=settings.EMBED_MAX_ATTEMPTS).update(
+        status=ImageStatus.PENDING, enqueued_at=now, lane=Lane.BULK)
+    if not queued:
         return 0
-    logger.info("reconciler queued %s stale image(s) again", len(retry))
-    return len(retry)
+    try:
+        enqueue_bulk_batches(count=queued)
+    except Exception as exc:  # noqa: BLE001 - the broker is still down; try on the next round
+        logger.warning("reconciler could not queue %s stale image(s): %s", queued, exc)
+        Image.objects.filter(pk__in=retry, status=ImageStatus.PENDING, enqueued_at=now).update(enqueued_at=None)
+        return 0
+    logger.info("reconciler queued %s stale image(s) again", queued)
+    return queued
+
+
+def _stale_ids(stale: QuerySet[Image]) -> list[int]:
+    return list(stale.values_list("pk", flat=True)[:10_000])
 
 
 #: Stored files checked against the database per transaction by the media sweeper and by

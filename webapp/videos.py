@@ -332,8 +332,12 @@ def videos_requeue_stale() -> int:
         error=f"Gave up after {settings.EMBED_MAX_ATTEMPTS} attempts: the worker died each time "
         "(the video may be too large for its memory).",
     )
-    retry = list(stale.filter(attempts__lt=settings.EMBED_MAX_ATTEMPTS).values_list("pk", flat=True)[:1000])
-    Video.objects.filter(pk__in=retry).update(status=ImageStatus.PENDING)
+    with transaction.atomic():
+        # Locked as read (the conditions re-checked on the locked row): a video a worker claimed
+        # or finished since is skipped, not set back to pending and indexed twice at once.
+        retry = list(stale.filter(attempts__lt=settings.EMBED_MAX_ATTEMPTS).select_for_update(skip_locked=True)
+                     .values_list("pk", flat=True)[:1000])
+        Video.objects.filter(pk__in=retry).update(status=ImageStatus.PENDING)
     return _enqueue_index(retry)
 
 

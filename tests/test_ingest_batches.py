@@ -88,3 +88,30 @@ def test_an_image_moved_while_it_was_embedded_is_stored_in_its_new_collection(ow
     row = Embedding.objects.get(image=image)
     assert row.collection_id == target.pk
     np.testing.assert_allclose(np.asarray(row.augmented, dtype=np.float32), np.asarray(row.vector), atol=1e-3)
+
+
+@pytest.mark.django_db
+def test_an_image_that_breaks_its_decode_fails_alone_with_the_reason(owner, monkeypatch) -> None:
+    """An unexpected error in one image's decode stays that image's: the rest of its batch is embedded."""
+    from retrieval import imaging
+    from webapp.models import Lane
+
+    collection = CollectionFactory(owner=owner)
+    images = []
+    for size in [(640, 480), (500, 400)]:
+        relative, data = _stored_jpeg(size)
+        images.append(ImageFactory(collection=collection, status=ImageStatus.PENDING, lane=Lane.BULK,
+                                   file_path=relative, sha256=hashlib.sha256(data).hexdigest(),
+                                   width=size[0], height=size[1]))
+    make_thumbnail = imaging.make_thumbnail
+
+    def thumbnail_or_crash(picture, **kwargs):
+        if picture.size == (500, 400):
+            raise RuntimeError("a decoder bug")
+        return make_thumbnail(picture, **kwargs)
+
+    monkeypatch.setattr(imaging, "make_thumbnail", thumbnail_or_crash)
+    assert ingest.embed_pending(batch_size=2) == 1
+    good, bad = (Image.objects.get(pk=image.pk) for image in images)
+    assert good.status == ImageStatus.READY
+    assert bad.status == ImageStatus.FAILED and "RuntimeError: a decoder bug" in bad.error

@@ -121,13 +121,18 @@ def decode(job: Job, recipe: pipeline.Recipe) -> Decoded:
             min_side=decode_min_side(job, recipe),
             max_pixels=settings.MAX_IMAGE_PIXELS,
         )
+        thumbnail = imaging.make_thumbnail(picture, max_side=settings.THUMBNAIL_SIZE, source=data)
+        if recipe.single_native_scale:
+            # The CNN's resize happens here, in the decode thread, off the inference path; the
+            # extractor's own resize of an image already at size is then a copy.
+            picture = resize_for(recipe.spec, picture)
     except ImageRejected as exc:
         return Decoded(job, error=str(exc))
-    thumbnail = imaging.make_thumbnail(picture, max_side=settings.THUMBNAIL_SIZE, source=data)
-    if recipe.single_native_scale:
-        # The CNN's resize happens here, in the decode thread, off the inference path; the
-        # extractor's own resize of an image already at size is then a copy.
-        picture = resize_for(recipe.spec, picture)
+    except Exception as exc:  # noqa: BLE001 - this image's failure, stored on it, not its batch's
+        # Raised, it failed the whole batch: 32 images left "processing" for the reconciler,
+        # then tried one at a time, and failed 50 minutes later as "the worker died each time".
+        logger.exception("could not decode image %s", job.image_id)
+        return Decoded(job, error=f"This image could not be processed ({type(exc).__name__}: {exc}).")
     return Decoded(job, picture=picture, thumbnail=thumbnail)
 
 

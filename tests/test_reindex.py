@@ -188,3 +188,36 @@ def test_a_background_reindex_refuses_a_version_the_workers_do_not_compute(embed
     state = EmbeddingModel.objects.get(pk=other.pk).reindex_state
     assert state.startswith("failed: the bulk workers embed as efficientnet_lite0") and "/gem/" in state
     assert not Embedding.objects.filter(model_version=other).exists()
+
+
+class _WorkerKilled(BaseException):
+    """What a SIGKILL or the OOM killer does to the task mid-batch (nothing in the process catches it)."""
+
+
+def test_a_reindex_whose_worker_dies_on_one_image_leaves_it_out_instead_of_dying_for_ever(
+    embedded_collection, settings, monkeypatch
+) -> None:
+    settings.EMBEDDING_POOLING = "gem"  # a new recipe: the configured one, so the workers may build it
+    from webapp import pipeline
+
+    new = embeddings.embedding_model_ensure(key=pipeline.recipe().key, backbone="efficientnet_lite0", dimensions=1280)
+    deadly = embedded_collection["coffee.png"]
+    decode = ingest.decode
+
+    def decode_or_die(job, recipe):
+        if job.image_id == deadly.pk:
+            raise _WorkerKilled
+        return decode(job, recipe)
+
+    monkeypatch.setattr(ingest, "decode", decode_or_die)
+    # The task is delivered again after each death (acks_late), with the same arguments.
+    with pytest.raises(_WorkerKilled):  # the whole batch, as before
+        embeddings.embedding_model_reindex_step(version_id=new.pk)
+    with pytest.raises(_WorkerKilled):  # one image at a time: the others are embedded first
+        embeddings.embedding_model_reindex_step(version_id=new.pk)
+    assert embeddings.embedding_model_reindex_step(version_id=new.pk) is None  # it is left out: done
+
+    covered = set(Embedding.objects.filter(model_version=new).values_list("image_id", flat=True))
+    assert covered == {image.pk for image in embedded_collection.values()} - {deadly.pk}
+    state = EmbeddingModel.objects.get(pk=new.pk).reindex_state
+    assert state == "done: 5 of 6 ready images have a vector; 1 could not be embedded (see the workers' log)"

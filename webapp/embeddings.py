@@ -314,6 +314,22 @@ def embedding_model_drop(*, version: EmbeddingModel) -> int:
     return removed
 
 
+def _reindex_in_flight(version_id: int) -> list[int]:
+    from django.core.cache import cache
+
+    return list(cache.get(f"reindex-in-flight:{version_id}") or [])
+
+
+def _reindex_in_flight_set(version_id: int, image_ids: Sequence[int]) -> None:
+    from django.core.cache import cache
+
+    key = f"reindex-in-flight:{version_id}"
+    if image_ids:
+        cache.set(key, [int(i) for i in image_ids], timeout=7 * 24 * 3600)
+    else:
+        cache.delete(key)
+
+
 def _reindex_state(version: EmbeddingModel, state: str) -> None:
     from django.utils import timezone
 
@@ -351,13 +367,29 @@ def embedding_model_reindex_step(*, version_id: int, skip: Sequence[int] = ()) -
         return None
     _reindex_state(version, "running")
     tried = set(skip)  # an image that fails to decode is tried once, then left out
+    # A batch whose worker died (killed, out of memory) is still recorded as in flight, and its
+    # task comes back (acks_late). The same batch again would kill the next worker the same way,
+    # for ever: its images go one at a time instead, and one that was alone when its worker died
+    # is left out like an image that fails to decode.
+    died_on = _reindex_in_flight(version.pk)
+    suspects = [] if len(died_on) == 1 else died_on
+    if len(died_on) == 1:
+        logger.error("re-index of %s leaves out image %s: its worker died embedding it", version.key, died_on[0])
+        tried.update(died_on)
     started = time.monotonic()
     while time.monotonic() - started < settings.EMBED_TIME_BUDGET:
-        batch = ingest.reindex_batch(version_key=version.key, limit=REINDEX_BATCH, skip=tried)
+        only = [suspects.pop(0)] if suspects else None
+        batch = ingest.reindex_batch(version_key=version.key, limit=REINDEX_BATCH, skip=tried, only=only,
+                                     on_rows=functools.partial(_reindex_in_flight_set, version.pk))
+        _reindex_in_flight_set(version.pk, [])
+        if only is not None:
+            tried.update(batch)
+            continue
         if not batch:
             embedding_index_build(version=version)
             covered, total = embedding_model_coverage(version=version)
-            _reindex_state(version, f"done: {covered} of {total} ready images have a vector")
+            left_out = f"; {total - covered} could not be embedded (see the workers' log)" if covered < total else ""
+            _reindex_state(version, f"done: {covered} of {total} ready images have a vector{left_out}")
             return None
         tried.update(batch)
     covered = Embedding.objects.filter(model_version=version, image_id__in=tried).values_list("image_id", flat=True)

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -243,11 +243,13 @@ def embed_pending(*, batch_size: int | None = None, time_budget: float | None = 
     return done
 
 
-def reindex_batch(*, version_key: str, limit: int, skip: set[int] | None = None) -> list[int]:
+def reindex_batch(*, version_key: str, limit: int, skip: set[int] | None = None, only: Sequence[int] | None = None,
+                  on_rows: Callable[[list[int]], None] | None = None) -> list[int]:
     """Embed up to `limit` ready images that have no vector for the current recipe's version yet.
 
     Statuses are left alone: the images stay searchable with the active version meanwhile.
     Returns the ids it tried (empty when the version covers every ready image but `skip`).
+    `only` limits it to those images; `on_rows` hears the ids before any is decoded.
     """
     from webapp import embeddings
 
@@ -255,15 +257,19 @@ def reindex_batch(*, version_key: str, limit: int, skip: set[int] | None = None)
     if recipe.key != version_key:
         raise ValueError(f"the configured recipe is {recipe.key!r}, not {version_key!r}")
     version = embeddings.embedding_model_ensure(key=recipe.key, backbone=recipe.spec.name, dimensions=recipe.dimensions)
+    candidates = Image.objects.filter(status=ImageStatus.READY)
+    if only is not None:
+        candidates = candidates.filter(pk__in=list(only))
     rows = list(
-        Image.objects.filter(status=ImageStatus.READY)
-        .exclude(embeddings__model_version=version)
+        candidates.exclude(embeddings__model_version=version)
         .exclude(pk__in=skip or set())
         .order_by("id")
         .values_list("id", "collection_id", "sha256", "file_path", "width", "height")[:limit]
     )
     if not rows:
         return []
+    if on_rows is not None:
+        on_rows([row[0] for row in rows])
     with ThreadPoolExecutor(max_workers=bulk_layout(recipe)[1], thread_name_prefix="decode") as pool:
         decoded = list(pool.map(lambda row: decode(Job(*row), recipe), rows))
     good = [item for item in decoded if not item.error and item.picture is not None]

@@ -379,8 +379,12 @@ def embedding_model_reindex_step(*, version_id: int, skip: Sequence[int] = ()) -
     started = time.monotonic()
     while time.monotonic() - started < settings.EMBED_TIME_BUDGET:
         only = [suspects.pop(0)] if suspects else None
-        batch = ingest.reindex_batch(version_key=version.key, limit=REINDEX_BATCH, skip=tried, only=only,
-                                     on_rows=functools.partial(_reindex_in_flight_set, version.pk))
+        try:
+            batch = ingest.reindex_batch(version_key=version.key, limit=REINDEX_BATCH, skip=tried, only=only,
+                                         on_rows=functools.partial(_reindex_in_flight_set, version.pk))
+        except Exception:  # an error the task may retry (a database blip): no image to blame
+            _reindex_in_flight_set(version.pk, [])
+            raise
         _reindex_in_flight_set(version.pk, [])
         if only is not None:
             tried.update(batch)

@@ -221,3 +221,32 @@ def test_a_reindex_whose_worker_dies_on_one_image_leaves_it_out_instead_of_dying
     assert covered == {image.pk for image in embedded_collection.values()} - {deadly.pk}
     state = EmbeddingModel.objects.get(pk=new.pk).reindex_state
     assert state == "done: 5 of 6 ready images have a vector; 1 could not be embedded (see the workers' log)"
+
+
+def test_a_database_error_during_a_reindex_batch_leaves_no_image_out(
+    embedded_collection, settings, monkeypatch
+) -> None:
+    """The task retries such an error; it is not a worker's death and blames no image."""
+    from django.db import OperationalError
+
+    from tests.factories import embed, unit_vector
+    from webapp import pipeline
+
+    settings.EMBEDDING_POOLING = "gem"
+    new = embeddings.embedding_model_ensure(key=pipeline.recipe().key, backbone="efficientnet_lite0", dimensions=1280)
+    last = embedded_collection["coffee.png"]
+    for seed, image in enumerate(embedded_collection.values()):  # all but one re-indexed already:
+        if image.pk != last.pk:  # the end of a re-index, a batch of one
+            embed(image, unit_vector(seed), new)
+    store, blips = embeddings.embeddings_store, [OperationalError("server closed the connection unexpectedly")]
+
+    def store_after_a_blip(*, version, rows):
+        if blips:
+            raise blips.pop()
+        return store(version=version, rows=rows)
+
+    monkeypatch.setattr(embeddings, "embeddings_store", store_after_a_blip)
+    with pytest.raises(OperationalError):
+        embeddings.embedding_model_reindex_step(version_id=new.pk)
+    assert embeddings.embedding_model_reindex_step(version_id=new.pk) is None  # the task's retry
+    assert Embedding.objects.filter(model_version=new, image=last).exists()

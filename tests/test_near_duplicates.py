@@ -220,3 +220,22 @@ def test_a_pair_whose_image_left_the_collection_is_neither_shown_nor_deleted(sho
     owner_client.post(reverse("collection_duplicates_keep", args=[collection.key]), {"image": images["photo"].key})
     assert Image.objects.filter(pk=images["copy-a"].pk, collection=elsewhere).exists()
     assert not Image.objects.filter(pk=images["copy-b"].pk).exists()  # the real copy went
+
+
+def test_keep_one_spares_an_image_moved_away_after_the_group_was_read(shop, outsider, monkeypatch) -> None:
+    from webapp import curation, duplicates
+
+    collection, images = shop
+    elsewhere = CollectionFactory(owner=outsider, visibility=Visibility.PRIVATE)
+    groups = duplicates.duplicate_groups
+
+    def read_then_an_admin_moves_one(**kwargs):
+        found = groups(**kwargs)
+        curation.images_move(image_ids=[images["copy-b"].pk], target=elsewhere)
+        return found
+
+    monkeypatch.setattr(duplicates, "duplicate_groups", read_then_an_admin_moves_one)
+    removed = duplicates.duplicate_keep(collection=collection, keep=images["photo"])
+    assert [image.original_name for image in removed] == ["copy-a.jpg"]
+    assert not Image.objects.filter(pk=images["copy-a"].pk).exists()
+    assert Image.objects.filter(pk=images["copy-b"].pk, collection=elsewhere).exists()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -53,13 +53,11 @@ def duplicates_record(*, collection_id: int, pairs: Sequence[Pair], image_ids: S
         if found:
             # Only images in the collection now: a refresh reads its rows before it records, and
             # an image moved out meanwhile (its pairs deleted by the move) must not come back
-            # into this collection's review. FOR SHARE makes a move wait for this commit (then
-            # it deletes the pair), or this statement wait for the move's (then it skips it).
-            ids = sorted({image_id for pair in found for image_id in pair})
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT id FROM simili_image WHERE id = ANY(%s) AND collection_id = %s FOR SHARE",
-                               [ids, collection_id])
-                here = {row[0] for row in cursor.fetchall()}
+            # into this collection's review. Read without row locks (they deadlocked with an
+            # image's deletion, which removes pairs before the image): a move committing in the
+            # instant between may leave a pair row, which the review never shows (below).
+            here = set(Image.objects.filter(pk__in={i for pair in found for i in pair}, collection_id=collection_id)
+                       .values_list("pk", flat=True))
             found = {pair: d for pair, d in found.items() if pair[0] in here and pair[1] in here}
         open_pairs = NearDuplicate.objects.filter(collection_id=collection_id, status=NearDuplicate.Status.OPEN)
         if image_ids is not None:
@@ -131,9 +129,17 @@ def duplicate_keep(*, collection: Collection, keep: Image) -> list[Image]:
     if group is None:
         return []
     # Only images linked by an open pair are in the group; dismissed pairs never join one.
-    removed = [image for image in group.images if image.pk != keep.pk and image.collection_id == collection.pk]
-    for image in removed:
-        services.image_delete(image=image)
+    removed = []
+    for image in group.images:
+        if image.pk == keep.pk:
+            continue
+        with transaction.atomic():
+            # Still in this collection at the moment it is deleted: a move committed since the
+            # group was read takes it out of this reviewer's hands.
+            current = Image.objects.select_for_update().filter(pk=image.pk, collection=collection).first()
+            if current is not None:
+                services.image_delete(image=current)
+                removed.append(current)
     return removed
 
 

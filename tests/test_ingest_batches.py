@@ -115,3 +115,22 @@ def test_an_image_that_breaks_its_decode_fails_alone_with_the_reason(owner, monk
     good, bad = (Image.objects.get(pk=image.pk) for image in images)
     assert good.status == ImageStatus.READY
     assert bad.status == ImageStatus.FAILED and "RuntimeError: a decoder bug" in bad.error
+
+
+@pytest.mark.django_db
+def test_running_out_of_memory_in_a_decode_fails_no_image(owner, monkeypatch) -> None:
+    """The worker's state, not the image's: the batch fails and the reconciler hands its rows back."""
+    from retrieval import imaging
+    from webapp.models import Lane
+
+    relative, data = _stored_jpeg((640, 480))
+    image = ImageFactory(collection=CollectionFactory(owner=owner), status=ImageStatus.PENDING, lane=Lane.BULK,
+                         file_path=relative, sha256=hashlib.sha256(data).hexdigest(), width=640, height=480)
+
+    def out_of_memory(picture, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(imaging, "make_thumbnail", out_of_memory)
+    with pytest.raises(MemoryError):
+        ingest.embed_pending(batch_size=1)
+    assert Image.objects.get(pk=image.pk).status == ImageStatus.PROCESSING  # the reconciler's to retry

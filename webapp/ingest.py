@@ -128,6 +128,8 @@ def decode(job: Job, recipe: pipeline.Recipe) -> Decoded:
             picture = resize_for(recipe.spec, picture)
     except ImageRejected as exc:
         return Decoded(job, error=str(exc))
+    except MemoryError:  # the worker's state, not the image's: the reconciler tries it again
+        raise
     except Exception as exc:  # noqa: BLE001 - this image's failure, stored on it, not its batch's
         # Raised, it failed the whole batch: 32 images left "processing" for the reconciler,
         # then tried one at a time, and failed 50 minutes later as "the worker died each time".

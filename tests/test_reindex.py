@@ -250,3 +250,19 @@ def test_a_database_error_during_a_reindex_batch_leaves_no_image_out(
         embeddings.embedding_model_reindex_step(version_id=new.pk)
     assert embeddings.embedding_model_reindex_step(version_id=new.pk) is None  # the task's retry
     assert Embedding.objects.filter(model_version=new, image=last).exists()
+
+
+def test_a_reindex_goes_on_while_redis_cannot_record_its_batch(embedded_collection, settings, monkeypatch) -> None:
+    from django.core.cache import cache
+
+    from webapp import pipeline
+
+    def redis_down(*args, **kwargs):
+        raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    settings.EMBEDDING_POOLING = "gem"
+    new = embeddings.embedding_model_ensure(key=pipeline.recipe().key, backbone="efficientnet_lite0", dimensions=1280)
+    for name in ("get", "set", "delete"):
+        monkeypatch.setattr(cache, name, redis_down)
+    assert embeddings.embedding_model_reindex_step(version_id=new.pk) is None
+    assert Embedding.objects.filter(model_version=new).count() == len(embedded_collection)

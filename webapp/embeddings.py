@@ -317,17 +317,24 @@ def embedding_model_drop(*, version: EmbeddingModel) -> int:
 def _reindex_in_flight(version_id: int) -> list[int]:
     from django.core.cache import cache
 
-    return list(cache.get(f"reindex-in-flight:{version_id}") or [])
+    try:
+        return list(cache.get(f"reindex-in-flight:{version_id}") or [])
+    except Exception:  # noqa: BLE001 - Redis down: re-index on, without telling a dead batch apart
+        logger.warning("could not read the re-index's batch in flight", exc_info=True)
+        return []
 
 
 def _reindex_in_flight_set(version_id: int, image_ids: Sequence[int]) -> None:
     from django.core.cache import cache
 
     key = f"reindex-in-flight:{version_id}"
-    if image_ids:
-        cache.set(key, [int(i) for i in image_ids], timeout=7 * 24 * 3600)
-    else:
-        cache.delete(key)
+    try:
+        if image_ids:
+            cache.set(key, [int(i) for i in image_ids], timeout=7 * 24 * 3600)
+        else:
+            cache.delete(key)
+    except Exception:  # noqa: BLE001 - as above: the record only helps isolate a killing image
+        logger.warning("could not record the re-index's batch in flight", exc_info=True)
 
 
 def _reindex_state(version: EmbeddingModel, state: str) -> None:

@@ -266,3 +266,30 @@ def test_a_reindex_goes_on_while_redis_cannot_record_its_batch(embedded_collecti
         monkeypatch.setattr(cache, name, redis_down)
     assert embeddings.embedding_model_reindex_step(version_id=new.pk) is None
     assert Embedding.objects.filter(model_version=new).count() == len(embedded_collection)
+
+
+def test_one_reindex_step_of_a_version_runs_at_a_time_and_the_other_comes_back(
+    embedded_collection, settings, monkeypatch
+) -> None:
+    """A re-index started twice: the second chain's step waits its turn instead of running beside the first."""
+    from django.db import connection
+
+    from webapp import pipeline, tasks
+
+    settings.EMBEDDING_POOLING = "gem"
+    new = embeddings.embedding_model_ensure(key=pipeline.recipe().key, backbone="efficientnet_lite0", dimensions=1280)
+    queued: list[tuple[list, dict]] = []
+    monkeypatch.setattr(tasks.reindex_version, "apply_async", lambda args, **kwargs: queued.append((args, kwargs)))
+    first = connection.copy()  # the first chain's step, under way
+    try:
+        with first.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s, %s)", [embeddings.REINDEX_LOCK, new.pk])
+        with pytest.raises(embeddings.ReindexBusy):
+            embeddings.embedding_model_reindex_step(version_id=new.pk)
+        tasks.reindex_version(new.pk, [])
+        assert queued == [([new.pk, []], {"countdown": tasks.REINDEX_BUSY_DELAY, "queue": services.BULK_QUEUE})]
+        assert not Embedding.objects.filter(model_version=new).exists()
+    finally:
+        first.close()
+    assert embeddings.embedding_model_reindex_step(version_id=new.pk) is None  # its turn
+    assert Embedding.objects.filter(model_version=new).count() == len(embedded_collection)

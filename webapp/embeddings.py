@@ -362,7 +362,7 @@ def embedding_model_reindex_step(*, version_id: int, skip: Sequence[int] = ()) -
     The worker embeds with its configured recipe, so it refuses a version that is not that
     recipe, and says so on the version's row.
     """
-    from webapp import ingest, pipeline
+    from webapp import pipeline
 
     version = EmbeddingModel.objects.filter(pk=version_id).first()
     if version is None:
@@ -372,6 +372,33 @@ def embedding_model_reindex_step(*, version_id: int, skip: Sequence[int] = ()) -
         _reindex_state(version, f"failed: the bulk workers embed as {key}; configure EMBEDDING_* for this "
                                 "version's recipe and restart them, then start again")
         return None
+    # One step of a version at a time: two chains (a re-index started twice, a redelivery beside
+    # its continuation) would each take the other's batch in flight for one whose worker died.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", [REINDEX_LOCK, int(version.pk)])
+        if not cursor.fetchone()[0]:
+            raise ReindexBusy(f"another re-index step of {version.key} is running")
+    try:
+        return _reindex_steps(version, skip)
+    finally:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [REINDEX_LOCK, int(version.pk)])
+        except DatabaseError:  # a lost connection took its lock with it
+            connection.close()
+
+
+#: First key of the advisory lock a version's re-index step holds (the second is the version's id).
+REINDEX_LOCK = 5_140_002
+
+
+class ReindexBusy(Exception):
+    """Another step of the same version's re-index is running: come back later."""
+
+
+def _reindex_steps(version: EmbeddingModel, skip: Sequence[int]) -> list[int] | None:
+    from webapp import ingest
+
     _reindex_state(version, "running")
     tried = set(skip)  # an image that fails to decode is tried once, then left out
     # A batch whose worker died (killed, out of memory) is still recorded as in flight, and its

@@ -133,12 +133,20 @@ def _load_model_at_start(**kwargs: Any) -> None:
     logger.warning("simili worker ready: %s on %s", recipe.key, recipe.extractor.device)
 
 
+#: Seconds before a re-index task that found another step of its version running tries again.
+REINDEX_BUSY_DELAY = 5.0
+
+
 @shared_task(name="simili.reindex_version", ignore_result=True, acks_late=True, autoretry_for=TRANSIENT_ERRORS,
              retry_backoff=2, max_retries=6)
 def reindex_version(version_id: int, skip: list[int]) -> None:
     from webapp import embeddings
 
     # One time budget per task, then a fresh task: the bulk lane stays shared with imports.
-    rest = embeddings.embedding_model_reindex_step(version_id=version_id, skip=skip)
+    try:
+        rest = embeddings.embedding_model_reindex_step(version_id=version_id, skip=skip)
+    except embeddings.ReindexBusy:  # another chain's step: this one goes on once it is done
+        reindex_version.apply_async(args=[version_id, skip], countdown=REINDEX_BUSY_DELAY, queue=services.BULK_QUEUE)
+        return
     if rest is not None:
         reindex_version.apply_async(args=[version_id, rest], queue=services.BULK_QUEUE)

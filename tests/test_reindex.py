@@ -293,3 +293,30 @@ def test_one_reindex_step_of_a_version_runs_at_a_time_and_the_other_comes_back(
         first.close()
     assert embeddings.embedding_model_reindex_step(version_id=new.pk) is None  # its turn
     assert Embedding.objects.filter(model_version=new).count() == len(embedded_collection)
+
+
+def test_a_reindex_that_fails_for_good_says_so_instead_of_running_for_ever(
+    embedded_collection, settings, monkeypatch
+) -> None:
+    from django.db import OperationalError
+
+    from webapp import pipeline
+
+    settings.EMBEDDING_POOLING = "gem"
+    new = embeddings.embedding_model_ensure(key=pipeline.recipe().key, backbone="efficientnet_lite0", dimensions=1280)
+
+    def fails(error):
+        def reindex_batch(**kwargs):
+            raise error
+        return reindex_batch
+
+    monkeypatch.setattr(ingest, "reindex_batch", fails(OperationalError("the database restarted")))
+    with pytest.raises(OperationalError):  # retried by the task: still running
+        embeddings.embedding_model_reindex_step(version_id=new.pk)
+    assert EmbeddingModel.objects.get(pk=new.pk).reindex_state == "running"
+
+    monkeypatch.setattr(ingest, "reindex_batch", fails(RuntimeError("CUDA out of memory")))
+    with pytest.raises(RuntimeError):
+        embeddings.embedding_model_reindex_step(version_id=new.pk)
+    state = EmbeddingModel.objects.get(pk=new.pk).reindex_state
+    assert state.startswith("failed: RuntimeError: CUDA out of memory")

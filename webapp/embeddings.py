@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import psycopg
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, InterfaceError, OperationalError, connection, transaction
 
 from webapp import vector_index
 from webapp.models import Embedding, EmbeddingModel, Image, ImageStatus
@@ -380,6 +380,12 @@ def embedding_model_reindex_step(*, version_id: int, skip: Sequence[int] = ()) -
             raise ReindexBusy(f"another re-index step of {version.key} is running")
     try:
         return _reindex_steps(version, skip)
+    except (OperationalError, InterfaceError):
+        raise  # the task retries these; the state stays "running"
+    except Exception as exc:
+        # Not retried: without this the state said "running" for ever, with nothing running.
+        _reindex_state(version, f"failed: {type(exc).__name__}: {exc}; see the workers' log, then start it again")
+        raise
     finally:
         try:
             with connection.cursor() as cursor:

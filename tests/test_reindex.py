@@ -26,6 +26,15 @@ def embedded_collection(owner, photos):
     return images
 
 
+@pytest.fixture
+def gem_version(embedded_collection, settings) -> EmbeddingModel:
+    """A new recipe's version (GeM pooling), the one the workers are configured for: nothing re-indexed yet."""
+    from webapp import pipeline
+
+    settings.EMBEDDING_POOLING = "gem"
+    return embeddings.embedding_model_ensure(key=pipeline.recipe().key, backbone="efficientnet_lite0", dimensions=1280)
+
+
 def _similar(client, image) -> dict:
     return client.get(f"/api/v1/images/{image.key}/similar", {"k": 3}).json()
 
@@ -195,12 +204,9 @@ class _WorkerKilled(BaseException):
 
 
 def test_a_reindex_whose_worker_dies_on_one_image_leaves_it_out_instead_of_dying_for_ever(
-    embedded_collection, settings, monkeypatch
+    embedded_collection, gem_version, monkeypatch
 ) -> None:
-    settings.EMBEDDING_POOLING = "gem"  # a new recipe: the configured one, so the workers may build it
-    from webapp import pipeline
-
-    new = embeddings.embedding_model_ensure(key=pipeline.recipe().key, backbone="efficientnet_lite0", dimensions=1280)
+    new = gem_version
     deadly = embedded_collection["coffee.png"]
     decode = ingest.decode
 
@@ -224,16 +230,14 @@ def test_a_reindex_whose_worker_dies_on_one_image_leaves_it_out_instead_of_dying
 
 
 def test_a_database_error_during_a_reindex_batch_leaves_no_image_out(
-    embedded_collection, settings, monkeypatch
+    embedded_collection, gem_version, monkeypatch
 ) -> None:
     """The task retries such an error; it is not a worker's death and blames no image."""
     from django.db import OperationalError
 
     from tests.factories import embed, unit_vector
-    from webapp import pipeline
 
-    settings.EMBEDDING_POOLING = "gem"
-    new = embeddings.embedding_model_ensure(key=pipeline.recipe().key, backbone="efficientnet_lite0", dimensions=1280)
+    new = gem_version
     last = embedded_collection["coffee.png"]
     for seed, image in enumerate(embedded_collection.values()):  # all but one re-indexed already:
         if image.pk != last.pk:  # the end of a re-index, a batch of one
@@ -252,16 +256,14 @@ def test_a_database_error_during_a_reindex_batch_leaves_no_image_out(
     assert Embedding.objects.filter(model_version=new, image=last).exists()
 
 
-def test_a_reindex_goes_on_while_redis_cannot_record_its_batch(embedded_collection, settings, monkeypatch) -> None:
+def test_a_reindex_goes_on_while_redis_cannot_record_its_batch(embedded_collection, gem_version, monkeypatch) -> None:
     from django.core.cache import cache
 
-    from webapp import pipeline
 
     def redis_down(*args, **kwargs):
         raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    settings.EMBEDDING_POOLING = "gem"
-    new = embeddings.embedding_model_ensure(key=pipeline.recipe().key, backbone="efficientnet_lite0", dimensions=1280)
+    new = gem_version
     for name in ("get", "set", "delete"):
         monkeypatch.setattr(cache, name, redis_down)
     assert embeddings.embedding_model_reindex_step(version_id=new.pk) is None
@@ -269,15 +271,14 @@ def test_a_reindex_goes_on_while_redis_cannot_record_its_batch(embedded_collecti
 
 
 def test_one_reindex_step_of_a_version_runs_at_a_time_and_the_other_comes_back(
-    embedded_collection, settings, monkeypatch
+    embedded_collection, gem_version, monkeypatch
 ) -> None:
     """A re-index started twice: the second chain's step waits its turn instead of running beside the first."""
     from django.db import connection
 
-    from webapp import pipeline, tasks
+    from webapp import tasks
 
-    settings.EMBEDDING_POOLING = "gem"
-    new = embeddings.embedding_model_ensure(key=pipeline.recipe().key, backbone="efficientnet_lite0", dimensions=1280)
+    new = gem_version
     queued: list[tuple[list, dict]] = []
     monkeypatch.setattr(tasks.reindex_version, "apply_async", lambda args, **kwargs: queued.append((args, kwargs)))
     first = connection.copy()  # the first chain's step, under way
@@ -296,14 +297,12 @@ def test_one_reindex_step_of_a_version_runs_at_a_time_and_the_other_comes_back(
 
 
 def test_a_reindex_that_fails_for_good_says_so_instead_of_running_for_ever(
-    embedded_collection, settings, monkeypatch
+    embedded_collection, gem_version, monkeypatch
 ) -> None:
     from django.db import OperationalError
 
-    from webapp import pipeline
 
-    settings.EMBEDDING_POOLING = "gem"
-    new = embeddings.embedding_model_ensure(key=pipeline.recipe().key, backbone="efficientnet_lite0", dimensions=1280)
+    new = gem_version
 
     def fails(error):
         def reindex_batch(**kwargs):

@@ -128,38 +128,27 @@ def _index_work(version_id: int, *, wait: bool) -> Iterator[Any]:
     another concurrent build or drop waits for, while the first waits, at its end, for the
     second's snapshot: PostgreSQL then cancels one of them, most likely the build of minutes.
     Two bulk workers building at once also failed on the catalog's unique name. The locks are
-    tried and polled, never waited on, for the same reason: a session blocked on one would hold
-    a snapshot that the build waits for.
+    tried and polled (`services.advisory_lock`), never waited on, for the same reason.
     """
-    keys = [(INDEX_BUILD_LOCK, _ANY_VERSION), (INDEX_BUILD_LOCK, int(version_id))]
-    with connection.cursor() as cursor:
-        if connection.in_atomic_block:  # released with the transaction
+    from webapp.services import advisory_lock
+
+    if connection.in_atomic_block:  # released with the transaction
+        with connection.cursor() as cursor:
             cursor.execute("SELECT pg_try_advisory_xact_lock(%s, %s) AND pg_try_advisory_xact_lock(%s, %s)",
-                           [*keys[0], *keys[1]])
+                           [INDEX_BUILD_LOCK, _ANY_VERSION, INDEX_BUILD_LOCK, int(version_id)])
             yield cursor if cursor.fetchone()[0] else None
-            return
-        while True:
-            cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", list(keys[0]))
-            if cursor.fetchone()[0]:
-                cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", list(keys[1]))
-                if cursor.fetchone()[0]:
-                    break
-                cursor.execute("SELECT pg_advisory_unlock(%s, %s)", list(keys[0]))
-            if not wait:
-                yield None
+        return
+    while True:
+        with advisory_lock(INDEX_BUILD_LOCK, _ANY_VERSION) as table, \
+                advisory_lock(INDEX_BUILD_LOCK, version_id) as this_version:
+            if table and this_version:
+                with connection.cursor() as cursor:
+                    yield cursor
                 return
-            time.sleep(INDEX_LOCK_POLL)
-        try:
-            yield cursor
-        finally:
-            try:
-                cursor.execute("SELECT pg_advisory_unlock(%s, %s) AND pg_advisory_unlock(%s, %s)",
-                               [*keys[1], *keys[0]])
-                released = bool(cursor.fetchone()[0])
-            except DatabaseError:
-                released = False
-            if not released:  # session locks would outlive this call on a persistent connection
-                connection.close()
+        if not wait:
+            yield None
+            return
+        time.sleep(INDEX_LOCK_POLL)
 
 
 def embedding_index_building(*, version: EmbeddingModel) -> bool:
@@ -372,26 +361,21 @@ def embedding_model_reindex_step(*, version_id: int, skip: Sequence[int] = ()) -
         _reindex_state(version, f"failed: the bulk workers embed as {key}; configure EMBEDDING_* for this "
                                 "version's recipe and restart them, then start again")
         return None
+    from webapp.services import advisory_lock
+
     # One step of a version at a time: two chains (a re-index started twice, a redelivery beside
     # its continuation) would each take the other's batch in flight for one whose worker died.
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", [REINDEX_LOCK, int(version.pk)])
-        if not cursor.fetchone()[0]:
+    with advisory_lock(REINDEX_LOCK, version.pk) as held:
+        if not held:
             raise ReindexBusy(f"another re-index step of {version.key} is running")
-    try:
-        return _reindex_steps(version, skip)
-    except (OperationalError, InterfaceError):
-        raise  # the task retries these; the state stays "running"
-    except Exception as exc:
-        # Not retried: without this the state said "running" for ever, with nothing running.
-        _reindex_state(version, f"failed: {type(exc).__name__}: {exc}; see the workers' log, then start it again")
-        raise
-    finally:
         try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [REINDEX_LOCK, int(version.pk)])
-        except DatabaseError:  # a lost connection took its lock with it
-            connection.close()
+            return _reindex_steps(version, skip)
+        except (OperationalError, InterfaceError):
+            raise  # the task retries these; the state stays "running"
+        except Exception as exc:
+            # Not retried: without this the state said "running" for ever, with nothing running.
+            _reindex_state(version, f"failed: {type(exc).__name__}: {exc}; see the workers' log, then start it again")
+            raise
 
 
 #: First key of the advisory lock a version's re-index step holds (the second is the version's id).

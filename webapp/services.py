@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -749,15 +749,33 @@ AUGMENT_LOCK = 5_140_002
 @contextlib.contextmanager
 def augment_lock(collection_id: int) -> Iterator[bool]:
     """Hold the collection's refresh lock (session-level) while the block runs; yield False if taken."""
+    with advisory_lock(AUGMENT_LOCK, collection_id) as held:
+        yield held
+
+
+@contextlib.contextmanager
+def advisory_lock(kind: int, key: int) -> Iterator[bool]:
+    """Try a session-level advisory lock, held while the block runs; yield False if another has it.
+
+    Tried, never waited on: a session blocked on a lock holds a snapshot, which a concurrent
+    index build waits for. A lock that cannot be released (the connection broke) goes with the
+    connection, which is closed so a persistent one cannot carry it on.
+    """
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", [AUGMENT_LOCK, collection_id])
-        (held,) = cursor.fetchone()
+        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", [kind, int(key)])
+        held = bool(cursor.fetchone()[0])
     try:
-        yield bool(held)
+        yield held
     finally:
         if held:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [AUGMENT_LOCK, collection_id])
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [kind, int(key)])
+                    released = bool(cursor.fetchone()[0])
+            except DatabaseError:
+                released = False
+            if not released:
+                connection.close()
 
 
 def schedule_augment(collection_id: int, *, full: bool = False) -> None:

@@ -319,3 +319,19 @@ def test_a_reindex_that_fails_for_good_says_so_instead_of_running_for_ever(
         embeddings.embedding_model_reindex_step(version_id=new.pk)
     state = EmbeddingModel.objects.get(pk=new.pk).reindex_state
     assert state.startswith("failed: RuntimeError: CUDA out of memory")
+
+
+def test_a_collection_refresh_does_not_hold_up_a_reindex_that_shares_its_number(
+    embedded_collection, gem_version
+) -> None:
+    """Collection N's refresh lock and version N's re-index lock are different locks."""
+    from django.db import connection
+
+    refresh = connection.copy()  # a bulk worker refreshing the collection whose id is the version's
+    try:
+        with refresh.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s, %s)", [services.AUGMENT_LOCK, gem_version.pk])
+        assert embeddings.embedding_model_reindex_step(version_id=gem_version.pk) is None
+    finally:
+        refresh.close()
+    assert Embedding.objects.filter(model_version=gem_version).count() == len(embedded_collection)

@@ -378,8 +378,9 @@ def embedding_model_reindex_step(*, version_id: int, skip: Sequence[int] = ()) -
             raise
 
 
-#: First key of the advisory lock a version's re-index step holds (the second is the version's id).
-REINDEX_LOCK = 5_140_002
+#: First key of the advisory lock a version's re-index step holds (the second is the version's id);
+#: services.AUGMENT_LOCK is 5_140_002.
+REINDEX_LOCK = 5_140_003
 
 
 class ReindexBusy(Exception):
